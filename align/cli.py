@@ -1,0 +1,122 @@
+"""The ``dlm-align`` command line: run, validate, list and copy recipes; generate with a model."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import sys
+from pathlib import Path
+
+EPILOG = """examples:
+  dlm-align ls                                   list shipped recipes
+  dlm-align validate quickstart                  check a recipe without running it
+  dlm-align run quickstart                       run a shipped recipe
+  dlm-align run my.yaml sft.learning_rate=1e-4   run a file with overrides (key.sub=value, YAML values)
+  dlm-align cp quickstart my.yaml                copy a shipped recipe to edit it
+  dlm-align generate --model runs/quickstart/sft/final --prompts prompts.txt
+"""
+
+
+def _cmd_ls(args: argparse.Namespace) -> int:
+    from align.recipes import list_recipes, recipe_description, recipe_path
+
+    names = list_recipes()
+    width = max((len(n) for n in names), default=10)
+    for n in names:
+        print(f"{n:<{width}}  {recipe_description(recipe_path(n))}")
+    return 0
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from align.config import load_config
+    from align.recipes import recipe_path
+
+    path = recipe_path(args.recipe)
+    cfg = load_config(path, args.overrides)
+    print(f"{path}: ok (stages: {', '.join(cfg.stages)}; output_dir: {cfg.output_dir})")
+    return 0
+
+
+def _cmd_cp(args: argparse.Namespace) -> int:
+    from align.recipes import recipe_path
+
+    src = recipe_path(args.name)
+    dest = Path(args.dest)
+    if dest.is_dir():
+        dest = dest / src.name
+    if dest.exists() and not args.force:
+        print(f"error: {dest} exists (use --force to overwrite)", file=sys.stderr)
+        return 1
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, dest)
+    print(f"copied {src.name} to {dest}")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from align.config import load_config
+    from align.pipeline import run_recipe
+    from align.recipes import recipe_path
+
+    cfg = load_config(recipe_path(args.recipe), args.overrides)
+    run_recipe(cfg)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``dlm-align`` (all subcommands)."""
+    parser = argparse.ArgumentParser(
+        prog="dlm-align", description="Align masked diffusion language models: SFT, preference optimization "
+        "and diffusion policy optimization, driven by YAML recipes.", epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("run", help="run a recipe (shipped name or YAML path) with key=value overrides")
+    p.add_argument("recipe", help="shipped recipe name (see `dlm-align ls`) or path to a YAML file")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. sft.max_steps=100 eval.enabled=false")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("validate", help="load and check a recipe without running it")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    p.set_defaults(func=_cmd_validate)
+
+    p = sub.add_parser("ls", help="list the shipped recipes")
+    p.set_defaults(func=_cmd_ls)
+
+    p = sub.add_parser("cp", help="copy a shipped recipe to a file to edit")
+    p.add_argument("name")
+    p.add_argument("dest")
+    p.add_argument("--force", action="store_true", help="overwrite an existing file")
+    p.set_defaults(func=_cmd_cp)
+
+    try:
+        from align.generate_cli import add_generate_parser
+    except ImportError:  # pragma: no cover - the sampler is part of the package
+        add_generate_parser = None
+    if add_generate_parser is not None:
+        add_generate_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``dlm-align`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from align.config import ConfigError
+    from align.data.formatting import DataFormatError
+
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, DataFormatError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""Held-out evaluation: sample completions with the rollout engine and score the final answers.
+
+Reports accuracy, mean completion length (tokens up to the end of the answer, i.e. before the first
+EOS / end-of-turn), and keeps each completion for the run report.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from align.config import EvalConfig
+from align.data.formatting import encode_prompt
+from align.data.task import extract_answer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalResult:
+    """Scores of one evaluation.
+
+    Attributes:
+        accuracy: share of problems whose final answer is correct.
+        mean_completion_length: mean number of completion tokens before the first stop token.
+        num_problems: problems scored.
+        nfe: model forward calls spent by the sampler.
+        samples: per-problem records (prompt, completion, answer, predicted, correct, length).
+    """
+
+    accuracy: float
+    mean_completion_length: float
+    num_problems: int
+    nfe: int
+    samples: list[dict[str, Any]] = field(default_factory=list)
+
+    def summary(self) -> dict[str, float | int]:
+        """The scalar fields, for ``report.json``."""
+        return {"accuracy": self.accuracy, "mean_completion_length": self.mean_completion_length,
+                "num_problems": self.num_problems, "nfe": self.nfe}
+
+
+def stop_token_ids(tokenizer: Any) -> list[int]:
+    """EOS and end-of-turn ids of ``tokenizer`` (those present)."""
+    ids = {tokenizer.eos_token_id}
+    for tok in ("<|eot_id|>", "<|im_end|>", "<|endoftext|>"):
+        tid = tokenizer.convert_tokens_to_ids(tok)
+        if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid >= 0:
+            ids.add(tid)
+    return sorted(i for i in ids if i is not None)
+
+
+def completion_lengths(completion_ids: torch.Tensor, stop_ids: list[int]) -> torch.Tensor:
+    """Tokens before the first stop token of each row ([B] long; full length when none)."""
+    is_stop = torch.isin(completion_ids, torch.tensor(stop_ids, device=completion_ids.device))
+    L = completion_ids.shape[1]
+    first = torch.where(is_stop.any(1), is_stop.float().argmax(1), torch.full_like(is_stop[:, 0], L, dtype=torch.long))
+    return first.long()
+
+
+def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token lists into ``(ids [B, P], attention_mask [B, P])``."""
+    P = max(len(r) for r in rows)
+    ids = torch.full((len(rows), P), pad_id, dtype=torch.long)
+    att = torch.zeros(len(rows), P, dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, P - len(r):] = torch.as_tensor(r)
+            att[i, P - len(r):] = 1
+    return ids, att
+
+
+def _same_answer(pred: str | None, answer: str) -> bool:
+    if pred is None:
+        return False
+    try:
+        return float(pred) == float(answer.replace(",", "").strip())
+    except ValueError:
+        return pred.strip() == answer.strip()
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, tokenizer: Any, prompts: list[Any], answers: list[str], cfg: EvalConfig, *,
+             use_chat_template: bool = True, seed: int = 0, desc: str = "eval") -> EvalResult:
+    """Generate one completion per prompt and score it against ``answers``.
+
+    Args:
+        model: a denoiser exposing ``hidden_states``/``head``/``mask_token_id``.
+        tokenizer: its tokenizer.
+        prompts: prompt strings or chat message lists.
+        answers: reference final answers (strings).
+        cfg: sampler settings and batch size.
+        seed: seed of the sampler's generator (only used at temperature > 0 or random remasking).
+    """
+    from align.sampling import generate
+
+    if len(prompts) != len(answers):
+        raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    stops = stop_token_ids(tokenizer)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    samples: list[dict[str, Any]] = []
+    nfe = 0
+    for s in tqdm(range(0, len(prompts), cfg.batch_size), desc=desc, unit="batch", leave=False):
+        chunk = prompts[s:s + cfg.batch_size]
+        rows = [encode_prompt(tokenizer, p, use_chat_template=use_chat_template) for p in chunk]
+        ids, att = left_pad(rows, tokenizer.pad_token_id)
+        out = generate(model, ids.to(device), attention_mask=att.to(device), gen_length=cfg.gen_length,
+                       steps=cfg.steps, block_length=cfg.block_length, temperature=cfg.temperature,
+                       remasking=cfg.remasking, cfg_scale=cfg.cfg_scale, threshold=cfg.threshold, cache=cfg.cache,
+                       generator=gen)
+        nfe += int(out.nfe)
+        comp = out.sequences[:, ids.shape[1]:].cpu()
+        lengths = completion_lengths(comp, stops)
+        for i, p in enumerate(chunk):
+            text = tokenizer.decode(comp[i, : lengths[i]].tolist(), skip_special_tokens=True)
+            pred = extract_answer(text)
+            ans = answers[s + i]
+            correct = _same_answer(pred, str(ans))
+            samples.append({"prompt": p if isinstance(p, str) else p[-1]["content"], "completion": text,
+                            "answer": str(ans), "predicted": pred, "correct": correct, "length": int(lengths[i])})
+    if was_training:
+        model.train()
+    n = len(samples)
+    return EvalResult(accuracy=sum(r["correct"] for r in samples) / max(n, 1),
+                      mean_completion_length=sum(r["length"] for r in samples) / max(n, 1),
+                      num_problems=n, nfe=nfe, samples=samples)

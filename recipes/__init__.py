@@ -1,0 +1,40 @@
+"""Recipes shipped with dlm-align (YAML files in this package), found by name or path."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+
+def _root() -> Path:
+    return Path(str(resources.files("align.recipes")))
+
+
+def list_recipes() -> list[str]:
+    """Names of the shipped recipes (``quickstart``, ``llada/sft-lora``, ...)."""
+    root = _root()
+    return sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml"))
+
+
+def recipe_path(name_or_path: str) -> Path:
+    """The YAML file of a shipped recipe name, or ``name_or_path`` itself when it is an existing file.
+
+    Raises:
+        FileNotFoundError: neither a file nor a shipped recipe; the message lists the shipped names.
+    """
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    name = name_or_path[:-5] if name_or_path.endswith(".yaml") else name_or_path
+    candidate = _root() / f"{name}.yaml"
+    if candidate.is_file():
+        return candidate
+    raise FileNotFoundError(f"no recipe file or shipped recipe named {name_or_path!r}; "
+                            f"shipped recipes: {', '.join(list_recipes())}")
+
+
+def recipe_description(path: Path) -> str:
+    """The first comment line after the run command, used by ``dlm-align ls``."""
+    lines = [ln[1:].strip() for ln in path.read_text().splitlines()[:6] if ln.startswith("#")]
+    rest = [ln for ln in lines if not ln.startswith("dlm-align ") and ln]
+    return rest[0] if rest else ""

@@ -1,0 +1,72 @@
+"""Recipe loading: every shipped recipe validates; bad keys and impossible settings are named."""
+
+import pytest
+import yaml
+from align.recipes import list_recipes, recipe_path
+
+from align.config import ConfigError, apply_overrides, config_from_dict, load_config
+
+
+@pytest.mark.parametrize("name", list_recipes())
+def test_every_shipped_recipe_validates(name):
+    path = recipe_path(name)
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# dlm-align run "), f"{name}: first line must be the command that runs it"
+    cfg = load_config(path)
+    assert cfg.stages
+
+
+def _base():
+    return yaml.safe_load(recipe_path("quickstart").read_text())
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("sft.learnin_rate=1e-3", "'sft.learnin_rate' (did you mean 'learning_rate'?)"),
+    ("model.pth=x", "'model.pth' (did you mean 'path'?)"),
+    ("bogus=1", "unknown key 'bogus'"),
+    ("eval.block_length=5", "'eval.gen_length' (32) must be a positive multiple of 'eval.block_length' (5)"),
+    ("eval.steps=0", "'eval.steps'"),
+    ("sft.normalization=mean", "'sft.normalization'"),
+    ("sft.eos_train=-2", "'sft.eos_train'"),
+    ("sft.t_min=1.0", "t_min"),
+    ("stages=[sft,grpo_x]", "unknown stage 'grpo_x'"),
+    ("eval.cache=full", "'eval.cache'"),
+    ("model.dtype=float8", "'model.dtype'"),
+    ("sft.output_dir=x", "'sft.output_dir' is set by dlm-align"),
+    ("sft.lr_scheduler_type=nope", "'sft': invalid training arguments"),
+    ("data.task_args.num_trian=5", "'data.task_args.num_trian'"),
+    ("eval.num_problems=abc", "'eval.num_problems' must be int"),
+    ("model.init_config={d_model: 8}", "exactly one of 'model.path'"),
+    ("pretrain.max_steps=3", "section 'pretrain' is set but 'pretrain' is not in 'stages'"),
+])
+def test_bad_recipes_name_the_key(override, needle):
+    raw = apply_overrides(_base(), [override])
+    with pytest.raises(ConfigError) as exc:
+        config_from_dict(raw, source="quickstart.yaml")
+    assert needle in str(exc.value)
+    assert str(exc.value).startswith("quickstart.yaml: ")
+
+
+def test_overrides_apply_yaml_values():
+    raw = apply_overrides(_base(), ["sft.learning_rate=5e-4", "eval.threshold=0.9", "peft.r=4", "eval.cache=prefix"])
+    cfg = config_from_dict(raw)
+    assert cfg.sft["learning_rate"] == 5e-4 and cfg.eval.threshold == 0.9 and cfg.peft.r == 4
+    assert cfg.eval.cache == "prefix"
+    with pytest.raises(ConfigError, match="must look like"):
+        apply_overrides({}, ["novalue"])
+
+
+def test_peft_with_pretrain_rejected():
+    raw = yaml.safe_load(recipe_path("quickstart-pretrain").read_text())
+    raw["peft"] = {"r": 4}
+    with pytest.raises(ConfigError, match="'peft' cannot be combined with the 'pretrain' stage"):
+        config_from_dict(raw)
+
+
+def test_missing_recipe_file(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        load_config(tmp_path / "none.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- a list\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(bad)

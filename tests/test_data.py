@@ -1,0 +1,124 @@
+"""Built-in task, tokenizer, formatting, loading and collation."""
+
+import json
+
+import pytest
+import torch
+from align.data.collator import CollatorError, SFTCollator
+from align.data.formatting import DataFormatError, encode_pair
+from align.data.loading import load_files, tokenize_dataset
+from align.data.task import (
+    ArithmeticTaskSpec,
+    TaskConfigError,
+    arithmetic_dataset,
+    extract_answer,
+    generate_problems,
+    is_correct,
+)
+from align.data.tokenizer import build_word_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from align.data.task import corpus_for_tokenizer
+
+    return build_word_tokenizer(corpus_for_tokenizer())
+
+
+def test_task_deterministic_and_disjoint():
+    a = arithmetic_dataset(300, 100, seed=3)
+    b = arithmetic_dataset(300, 100, seed=3)
+    assert a["train"]["prompt"] == b["train"]["prompt"]
+    assert not set(a["train"]["prompt"]) & set(a["test"]["prompt"])
+    for row in a["test"]:
+        assert is_correct(row["completion"], row["answer"])
+        # the worked solution is consistent: each step's result feeds the next
+        steps = [s for s in row["completion"].split(". ") if "=" in s]
+        for s in steps:
+            lhs, rhs = s.rstrip(".").split("=")
+            assert eval(lhs) == int(rhs)  # the arithmetic is right
+
+
+def test_task_settings_errors():
+    with pytest.raises(TaskConfigError):
+        generate_problems(5, seed=0, spec=ArithmeticTaskSpec(min_ops=3, max_ops=2))
+    with pytest.raises(TaskConfigError):
+        generate_problems(10_000, seed=0, spec=ArithmeticTaskSpec(min_ops=1, max_ops=1, max_start=2, max_operand=1,
+                                                                  allow_multiply=False))
+
+
+def test_extract_answer():
+    assert extract_answer("3 + 4 = 7. The answer is 7.") == "7"
+    assert extract_answer("no answer") is None
+    assert not is_correct("The answer is 8.", 7)
+
+
+def test_tokenizer_round_trip(tok, tmp_path):
+    from transformers import AutoTokenizer
+
+    tok.save_pretrained(tmp_path)
+    t2 = AutoTokenizer.from_pretrained(tmp_path)
+    text = "Mia has 17 shells. She finds 5 more. How many shells does Mia have now?"
+    assert t2.decode(t2(text)["input_ids"]) == text
+    assert t2.mask_token_id == 5 and t2.eos_token_id == 0 and t2.pad_token_id == 0
+    ids = t2("12 + 30 = 42.")["input_ids"]
+    assert len(ids) == 9  # one token per digit, "▁+" "▁=" attached to their space, "."
+    assert t2.unk_token_id not in t2(text)["input_ids"]
+
+
+def test_encode_pair_chat(tok):
+    p, c = encode_pair(tok, "Tom has 3 apples.", "The answer is 3.", use_chat_template=True)
+    assert tok.decode(p).endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert c[-1] == tok.eos_token_id and tok.convert_tokens_to_ids("<|eot_id|>") in c
+    assert tok.decode(c, skip_special_tokens=True) == "The answer is 3."
+
+
+def test_load_files_errors(tmp_path, tok):
+    with pytest.raises(FileNotFoundError):
+        load_files(str(tmp_path / "nope.jsonl"))
+    bad = tmp_path / "x.txt"
+    bad.write_text("hi")
+    with pytest.raises(DataFormatError, match="unsupported"):
+        load_files(str(bad))
+    f = tmp_path / "rows.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in [{"prompt": "Tom has 3 apples.", "completion": "The answer is 3."},
+                                                     {"prompt": "Tom has 4 apples.", "completion": 5}]))
+    ds = load_files(str(f))
+    with pytest.raises(DataFormatError, match=r"rows.jsonl row 1: field 'completion'"):
+        tokenize_dataset(ds, tok, source="rows.jsonl")
+
+
+def test_messages_and_too_long_rows_are_counted(tmp_path, tok, caplog):
+    f = tmp_path / "chat.jsonl"
+    rows = [{"messages": [{"role": "user", "content": "Tom has 3 apples."},
+                          {"role": "assistant", "content": "The answer is 3."}]},
+            {"messages": [{"role": "user", "content": "Tom has 3 apples. " * 30},
+                          {"role": "assistant", "content": "The answer is 3."}]}]
+    f.write_text("\n".join(json.dumps(r) for r in rows))
+    with caplog.at_level("WARNING"):
+        out = tokenize_dataset(load_files(str(f)), tok, max_length=60, source="chat.jsonl")
+    assert len(out) == 1 and "dropped 1 of 2 rows" in caplog.text
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}))
+    with pytest.raises(DataFormatError, match="last message"):
+        tokenize_dataset(load_files(str(bad)), tok, source="bad.jsonl")
+
+
+@pytest.mark.parametrize("eos_train,expect_targets,expect_attended",
+                         [("all", [5, 3], [7, 7]), ("none", [2, 3], [4, 7]), (1, [3, 3], [5, 7])])
+def test_collator_eos_train(eos_train, expect_targets, expect_attended):
+    col = SFTCollator(0, eos_train=eos_train)
+    batch = col([{"prompt_ids": [7, 8], "completion_ids": [9, 0]},
+                 {"prompt_ids": [7, 8, 7, 8], "completion_ids": [9, 9, 0]}])
+    assert batch["input_ids"].shape == (2, 7)
+    assert batch["response_mask"].sum(1).tolist() == expect_targets
+    assert not batch["response_mask"][:, :2].any()  # prompt never a target
+    assert torch.equal(batch["input_ids"][0], torch.tensor([7, 8, 9, 0, 0, 0, 0]))
+    assert batch["attention_mask"].sum(1).tolist() == expect_attended
+
+
+def test_collator_errors():
+    with pytest.raises(CollatorError):
+        SFTCollator(0, eos_train=-1)
+    with pytest.raises(CollatorError):
+        SFTCollator(0)([{"prompt_ids": [1], "completion_ids": []}])
