@@ -111,15 +111,15 @@ class PeftConfig:
         r, lora_alpha, lora_dropout: LoRA rank, scaling numerator and dropout.
         target_modules: module names, or ``auto`` for the model's own list (LLaDA: q_proj, k_proj, v_proj,
             attn_out, ff_proj, up_proj, ff_out). Names that match no module are an error.
-        merge_after_stage: merge the adapter into the weights at the end of each stage (the next stage and
-            evaluation then start from the merged model); the adapter is saved either way.
+
+    At the end of each stage the adapter is saved alone (``<stage>/adapter``), then merged into the weights
+    (``<stage>/final``); evaluation and later stages start from the merged model.
     """
 
     r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.0
     target_modules: list[str] | str = "auto"
-    merge_after_stage: bool = True
 
 
 @dataclass
@@ -302,6 +302,20 @@ def _check_training_arguments(stage: str, kwargs: dict[str, Any]) -> None:
             raise ConfigError(f"'{stage}': invalid training arguments {sorted(probe)}: {exc}") from exc
 
 
+def _zero_stage(ds: Any) -> int | None:
+    """ZeRO stage of a DeepSpeed config (dict or JSON path); None when unset or unreadable."""
+    import json
+
+    if isinstance(ds, str):
+        try:
+            ds = json.loads(Path(ds).read_text())
+        except (OSError, ValueError):
+            return None
+    if isinstance(ds, dict):
+        return ds.get("zero_optimization", {}).get("stage")
+    return None
+
+
 def validate(cfg: RecipeConfig) -> RecipeConfig:
     """Check cross-field constraints; raise :class:`ConfigError` naming the offending key."""
     m = cfg.model
@@ -348,6 +362,10 @@ def validate(cfg: RecipeConfig) -> RecipeConfig:
             raise ConfigError(f"'peft.target_modules' must be 'auto' or a list of names, got {p.target_modules!r}")
         if "pretrain" in cfg.stages:
             raise ConfigError("'peft' cannot be combined with the 'pretrain' stage (LoRA on random weights)")
+        for stage in cfg.stages:
+            if _zero_stage(getattr(cfg, stage).get("deepspeed")) == 3:
+                raise ConfigError(f"'peft' with DeepSpeed ZeRO-3 ('{stage}.deepspeed') is not supported: the adapter "
+                                  "is merged at the end of the stage, which needs whole weights; use ZeRO-2")
     ta_names = _training_argument_names()
     for stage in STAGES:
         section = getattr(cfg, stage)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -149,20 +150,20 @@ def train_stage(cfg: RecipeConfig, stage: str, model: torch.nn.Module, tokenizer
     if resume:
         logger.info("resuming %s from %s", stage, resume)
     trainer.train(resume_from_checkpoint=resume)
-    model = trainer.model
+    final, tmp = stage_dir / "final", stage_dir / "final.tmp"
     if cfg.peft is not None:
+        # Ship the adapter alone, then merge it so that evaluation and later stages use plain weights.
+        trainer.save_model(str(stage_dir / "adapter"))
+        model = trainer.model.merge_and_unload()
         if _is_main_process():
-            model.save_pretrained(str(stage_dir / "adapter"))
-        if cfg.peft.merge_after_stage:
-            model = model.merge_and_unload()
+            model.save_pretrained(str(tmp))
+    else:
+        # save_model gathers ZeRO-3 partitions and is called on every rank.
+        trainer.save_model(str(tmp))
+        model = trainer.model
     if _is_main_process():
-        final = stage_dir / "final"
-        tmp = stage_dir / "final.tmp"
-        model.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
         if final.exists():
-            import shutil
-
             shutil.rmtree(final)
         os.replace(tmp, final)
     return model

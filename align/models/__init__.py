@@ -1,0 +1,59 @@
+"""Denoiser models: the native LLaDA architecture, adapters for other denoisers, loading helpers."""
+
+from align.models.adapters import (
+    DENOISER_KINDS,
+    Denoiser,
+    DreamAdapter,
+    MaskedLMAdapter,
+    load_denoiser,
+    load_dream,
+    positions_from_mask,
+    shift_right,
+)
+from align.models.llada import (
+    LLADA_LORA_TARGETS,
+    LLaDABlock,
+    LLaDAConfig,
+    LLaDAModelLM,
+    LLaDAPreTrainedModel,
+    check_mask_token_id,
+    llada_8b_config,
+    tiny_llada_config,
+)
+from align.models.loading import (
+    check_lora_targets,
+    load_model,
+    load_model_and_tokenizer,
+    load_tokenizer,
+    lora_exclude_modules,
+    lora_target_modules,
+    read_config_dict,
+    resolve_model_dir,
+)
+
+__all__ = [
+    "DENOISER_KINDS",
+    "LLADA_LORA_TARGETS",
+    "Denoiser",
+    "DreamAdapter",
+    "LLaDABlock",
+    "LLaDAConfig",
+    "LLaDAModelLM",
+    "LLaDAPreTrainedModel",
+    "MaskedLMAdapter",
+    "check_lora_targets",
+    "check_mask_token_id",
+    "llada_8b_config",
+    "load_denoiser",
+    "load_dream",
+    "load_model",
+    "load_model_and_tokenizer",
+    "load_tokenizer",
+    "lora_exclude_modules",
+    "lora_target_modules",
+    "positions_from_mask",
+    "read_config_dict",
+    "resolve_model_dir",
+    "shift_right",
+    "tiny_llada_config",
+]
