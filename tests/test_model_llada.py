@@ -468,3 +468,15 @@ def test_forward_logits_mask_selects_positions():
     torch.testing.assert_close(part, full[sel])
     with pytest.raises(ValueError, match="logits_mask"):
         model(ids, logits_mask=sel[:, :4])
+
+
+def test_forward_return_hidden_matches_hidden_states():
+    from align.models import LLaDAModelLM, tiny_llada_config
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = LLaDAModelLM(tiny_llada_config()).eval()
+    ids = torch.randint(0, 200, (2, 7), generator=torch.Generator().manual_seed(2))
+    out = model(ids, return_hidden=True)
+    assert out.logits is None
+    torch.testing.assert_close(out.hidden_states[0], model.hidden_states(ids))

@@ -520,6 +520,7 @@ class LLaDAModelLM(LLaDAPreTrainedModel):
         logits_to_keep: int | torch.Tensor = 0,
         return_dict: bool | None = None,
         logits_mask: torch.Tensor | None = None,
+        return_hidden: bool = False,
     ) -> MaskedLMOutput | tuple:
         """Logits ``[B, T, vocab_size]`` for every position (or the ``logits_to_keep`` selection).
 
@@ -527,9 +528,14 @@ class LLaDAModelLM(LLaDAPreTrainedModel):
         the diffusion losses of algorithms.md §1-§4 live in the likelihood/trainer modules.
         ``logits_mask`` (``[B, T]`` bool) returns logits ``[N, vocab_size]`` at its True positions only,
         in row-major order; trainers use it so that DDP/DeepSpeed hooks run while the head is applied only
-        where the loss reads it.
+        where the loss reads it. ``return_hidden=True`` returns no logits and ``hidden_states=(h,)`` with the
+        final hidden states ``[B, T, d_model]``.
         """
         h = self.hidden_states(input_ids, attention_mask, position_ids)
+        if return_hidden:
+            # Final hidden states only (after ln_f), for callers that apply ``head`` themselves while the
+            # forward still runs through DDP / DeepSpeed wrappers.
+            return MaskedLMOutput(logits=None, hidden_states=(h,))
         if logits_mask is not None:
             # Logits only where they are needed (e.g. the masked positions of a diffusion loss): [N, V].
             if labels is not None or not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
