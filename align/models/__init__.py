@@ -10,16 +10,14 @@ from align.models.adapters import (
     positions_from_mask,
     shift_right,
 )
-from align.models.llada import (
+from align.models.configuration_llada import (
     LLADA_LORA_TARGETS,
-    LLaDABlock,
     LLaDAConfig,
-    LLaDAModelLM,
-    LLaDAPreTrainedModel,
     check_mask_token_id,
     llada_8b_config,
     tiny_llada_config,
 )
+from align.models.llada import LLaDABlock, LLaDAModelLM, LLaDAPreTrainedModel
 from align.models.loading import (
     check_lora_targets,
     load_model,
