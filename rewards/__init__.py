@@ -1,0 +1,70 @@
+"""Rewards for policy-optimisation training (``align.rewards``).
+
+Every reward is a picklable callable with TRL's signature
+``f(prompts, completions, completion_ids=None, **columns) -> list[float | None]``; completions may
+be strings or chat-style message lists. :func:`build_rewards` turns recipe entries into rewards
+and weights, :class:`RewardRunner` scores batches with failure isolation, and
+:func:`detect_loops` finds repetition loops in token ids.
+"""
+
+from .accuracy import AnswerAccuracy, MissingColumnError, math_accuracy, task_accuracy
+from .answers import answers_match, extract_answer, normalize_answer, parse_number
+from .formats import RegexFormat, answer_phrase_format, answer_tag_format, boxed_format, think_answer_format
+from .length import SoftOverlongPunishment
+from .loop_reward import LoopPenalty, loop_penalty
+from .loops import LoopCoverage, LoopParams, LoopReport, LoopSpan, detect_loops, loop_coverage
+from .registry import (
+    BoundReward,
+    RewardSpec,
+    RewardSpecError,
+    UnknownRewardError,
+    available_rewards,
+    build_rewards,
+    parse_reward_spec,
+    register_reward,
+    resolve_reward,
+    reward_name,
+)
+from .reward_model import SequenceClassificationReward
+from .runner import RewardAbortError, RewardFunctionError, RewardOutput, RewardRunner, RewardStats
+
+__all__ = [
+    "AnswerAccuracy",
+    "BoundReward",
+    "LoopCoverage",
+    "LoopParams",
+    "LoopPenalty",
+    "LoopReport",
+    "LoopSpan",
+    "MissingColumnError",
+    "RegexFormat",
+    "RewardAbortError",
+    "RewardFunctionError",
+    "RewardOutput",
+    "RewardRunner",
+    "RewardSpec",
+    "RewardSpecError",
+    "RewardStats",
+    "SequenceClassificationReward",
+    "SoftOverlongPunishment",
+    "UnknownRewardError",
+    "answer_phrase_format",
+    "answer_tag_format",
+    "answers_match",
+    "available_rewards",
+    "boxed_format",
+    "build_rewards",
+    "detect_loops",
+    "extract_answer",
+    "loop_coverage",
+    "loop_penalty",
+    "math_accuracy",
+    "normalize_answer",
+    "parse_number",
+    "parse_reward_spec",
+    "register_reward",
+    "resolve_reward",
+    "reward_name",
+    "task_accuracy",
+    "think_answer_format",
+]
