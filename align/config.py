@@ -169,7 +169,7 @@ class EvalConfig:
     cfg_scale: float = 0.0
 
 
-STAGES = ("pretrain", "sft")
+STAGES = ("pretrain", "sft", "grpo")
 
 
 @dataclass
@@ -186,6 +186,7 @@ class RecipeConfig:
         stages: stages to run in order, from :data:`STAGES`.
         model, data, peft, eval: see the section classes.
         pretrain, sft: per-stage options: :class:`DiffusionSFTOptions` fields plus TrainingArguments fields.
+        grpo: :class:`~align.trainers.grpo_config.GRPOOptions` fields plus TrainingArguments fields.
     """
 
     seed: int = 0
@@ -200,13 +201,24 @@ class RecipeConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     pretrain: dict[str, Any] = field(default_factory=dict)
     sft: dict[str, Any] = field(default_factory=dict)
+    grpo: dict[str, Any] = field(default_factory=dict)
 
-    def stage_options(self, stage: str) -> tuple[DiffusionSFTOptions, dict[str, Any]]:
-        """Split a stage section into its diffusion options and its TrainingArguments keywords."""
+    def stage_options(self, stage: str) -> tuple[Any, dict[str, Any]]:
+        """Split a stage section into its own options (:class:`DiffusionSFTOptions` for pretrain/sft,
+        :class:`~align.trainers.grpo_config.GRPOOptions` for grpo) and its TrainingArguments keywords."""
         raw = dict(getattr(self, stage))
-        own = {f.name for f in dataclasses.fields(DiffusionSFTOptions)}
-        opts = _build(DiffusionSFTOptions, {k: v for k, v in raw.items() if k in own}, stage)
+        cls = _stage_class(stage)
+        own = {f.name for f in dataclasses.fields(cls)}
+        opts = _build(cls, {k: v for k, v in raw.items() if k in own}, stage)
         return opts, {k: v for k, v in raw.items() if k not in own}
+
+
+def _stage_class(stage: str) -> type:
+    if stage == "grpo":
+        from align.trainers.grpo_config import GRPOOptions
+
+        return GRPOOptions
+    return DiffusionSFTOptions
 
 
 # --------------------------------------------------------------------------------------------- building
@@ -243,13 +255,12 @@ def _unknown(key: str, valid: list[str], where: str) -> ConfigError:
     hint = f" (did you mean '{close[0]}'?)" if close else ""
     name = f"{where}.{key}" if where else key
     if len(valid) > 30:  # a training stage: its own options plus every TrainingArguments field
-        return ConfigError(f"unknown key '{name}'{hint}: not a diffusion option ({', '.join(_stage_option_names())})"
-                           " nor a transformers.TrainingArguments field")
+        stage = where.split(".")[0]
+        own = ", ".join(f.name for f in dataclasses.fields(_stage_class(stage)))
+        return ConfigError(f"unknown key '{name}'{hint}: not a '{stage}' option ({own}) nor a "
+                           "transformers.TrainingArguments field")
     return ConfigError(f"unknown key '{name}'{hint}; valid keys here: {', '.join(sorted(valid))}")
 
-
-def _stage_option_names() -> list[str]:
-    return [f.name for f in dataclasses.fields(DiffusionSFTOptions)]
 
 
 def _build(cls: type, data: Any, where: str) -> Any:
@@ -316,6 +327,29 @@ def _zero_stage(ds: Any) -> int | None:
     return None
 
 
+def _validate_grpo(cfg: RecipeConfig, opts: Any, ta_kwargs: dict[str, Any]) -> None:
+    from align.trainers.grpo_config import check_grpo_options
+
+    if "grpo" not in cfg.stages:
+        return
+    errs = check_grpo_options(opts, ta_kwargs)
+    if errs:
+        raise ConfigError(errs[0])
+    from align.likelihood import check_estimator_args
+    from align.rewards import RewardRunner
+
+    try:
+        check_estimator_args(opts.estimator, opts.estimator_args)
+    except ValueError as exc:
+        raise ConfigError(f"'grpo.estimator_args': {exc}") from exc
+    try:  # builds every reward (a reward-model path that does not exist fails here) and the runner
+        RewardRunner.from_specs(opts.rewards, **opts.reward_failure).close()
+    except (ValueError, KeyError, TypeError, OSError) as exc:
+        raise ConfigError(f"'grpo.rewards' / 'grpo.reward_failure': {exc}") from exc
+    if cfg.data.task is None and cfg.data.format == "text":
+        raise ConfigError("the 'grpo' stage needs prompts: 'data.format' cannot be 'text'")
+
+
 def validate(cfg: RecipeConfig) -> RecipeConfig:
     """Check cross-field constraints; raise :class:`ConfigError` naming the offending key."""
     m = cfg.model
@@ -376,10 +410,13 @@ def validate(cfg: RecipeConfig) -> RecipeConfig:
             if k in _MANAGED_TRAINING_ARGS:
                 raise ConfigError(f"'{stage}.{k}' is set by dlm-align from the recipe's top-level keys; remove it")
             if k not in ta_names:
-                valid = sorted(ta_names | {f.name for f in dataclasses.fields(DiffusionSFTOptions)})
+                valid = sorted(ta_names | {f.name for f in dataclasses.fields(_stage_class(stage))})
                 raise _unknown(k, valid, stage)
         if section and stage in cfg.stages:
             _check_training_arguments(stage, rest)
+        if stage == "grpo":
+            _validate_grpo(cfg, opts, rest)
+            continue
         if not 0.0 <= opts.t_min < opts.t_max <= 1.0:
             raise ConfigError(f"'{stage}.t_min'/'{stage}.t_max' need 0 <= t_min < t_max <= 1")
         if not 0.0 <= opts.eps < 1.0:

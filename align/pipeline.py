@@ -150,6 +150,11 @@ def train_stage(cfg: RecipeConfig, stage: str, model: torch.nn.Module, tokenizer
     if resume:
         logger.info("resuming %s from %s", stage, resume)
     trainer.train(resume_from_checkpoint=resume)
+    return _save_final(cfg, trainer, tokenizer, stage_dir)
+
+
+def _save_final(cfg: RecipeConfig, trainer: Any, tokenizer: Any, stage_dir: Path) -> torch.nn.Module:
+    """Write ``<stage>/final`` (and ``<stage>/adapter`` under LoRA); return the model to continue with."""
     final, tmp = stage_dir / "final", stage_dir / "final.tmp"
     if cfg.peft is not None:
         # Ship the adapter alone, then merge it so that evaluation and later stages use plain weights.
@@ -167,6 +172,58 @@ def train_stage(cfg: RecipeConfig, stage: str, model: torch.nn.Module, tokenizer
             shutil.rmtree(final)
         os.replace(tmp, final)
     return model
+
+
+class PromptCollator:
+    """Left-pad tokenised prompts; pass every raw column through (rewards read them)."""
+
+    def __init__(self, pad_token_id: int) -> None:
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        from align.evaluate import left_pad
+
+        ids, att = left_pad([f["prompt_ids"] for f in features], self.pad_token_id)
+        rows = [{k: v for k, v in f.items() if k not in ("prompt_ids", "completion_ids")} for f in features]
+        return {"prompt_ids": ids, "prompt_mask": att, "rows": rows}
+
+
+def train_grpo_stage(cfg: RecipeConfig, model: torch.nn.Module, tokenizer: Any, train: Any) -> torch.nn.Module:
+    """Run the diffusion GRPO stage; return the trained (LoRA-merged) model."""
+    from transformers import TrainingArguments
+
+    from align.evaluate import stop_token_ids
+    from align.rewards import RewardRunner
+    from align.trainers.grpo import DiffusionGRPOTrainer
+    from align.trainers.sft import last_complete_checkpoint
+
+    opts, ta_kwargs = cfg.stage_options("grpo")
+    stage_dir = Path(cfg.output_dir) / "grpo"
+    d = cfg.data
+    rows = tokenize_dataset(train, tokenizer, fmt=d.format, use_chat_template=d.use_chat_template,
+                            max_length=d.max_length, source=d.task or ",".join(d.train_files or []), names=_names(cfg))
+    if cfg.peft is not None:
+        model = apply_lora(model, cfg.peft)
+    # TRL counts completions in per_device_train_batch_size; the dataloader yields prompts.
+    ta_kwargs["per_device_train_batch_size"] = ta_kwargs.get("per_device_train_batch_size", 8) // opts.num_generations
+    ta_kwargs.setdefault("logging_steps", 10)
+    ta_kwargs.setdefault("save_strategy", "steps" if "save_steps" in ta_kwargs else "no")
+    ta_kwargs.setdefault("use_cpu", not torch.cuda.is_available())
+    args = TrainingArguments(output_dir=str(stage_dir), seed=cfg.seed, data_seed=cfg.seed, report_to=cfg.report_to,
+                             run_name=f"{cfg.run_name or Path(cfg.output_dir).name}-grpo",
+                             remove_unused_columns=False, **ta_kwargs)
+    runner = RewardRunner.from_specs(opts.rewards, **opts.reward_failure)
+    keep = [c for c in rows.column_names if c != "completion_ids"]
+    trainer = DiffusionGRPOTrainer(model=model, args=args, train_dataset=rows.select_columns(keep),
+                                   data_collator=PromptCollator(tokenizer.pad_token_id), processing_class=tokenizer,
+                                   options=opts, reward_runner=runner, stop_ids=stop_token_ids(tokenizer),
+                                   seed=cfg.seed)
+    resume = last_complete_checkpoint(stage_dir) if cfg.resume else None
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+    finally:
+        runner.close()
+    return _save_final(cfg, trainer, tokenizer, stage_dir)
 
 
 def _mask_id(model: torch.nn.Module) -> int:
@@ -212,7 +269,10 @@ def run_recipe(cfg: RecipeConfig) -> dict[str, Any]:
             model, tokenizer = build_model_and_tokenizer(mc)
             continue
         t0 = time.perf_counter()
-        model = train_stage(cfg, stage, model, tokenizer, train)
+        if stage == "grpo":
+            model = train_grpo_stage(cfg, model, tokenizer, train)
+        else:
+            model = train_stage(cfg, stage, model, tokenizer, train)
         timings[stage] = time.perf_counter() - t0
         entry: dict[str, Any] = {"checkpoint": str(final)}
         if cfg.eval.enabled:

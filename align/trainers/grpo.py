@@ -1,0 +1,297 @@
+"""Diffusion GRPO on ``transformers.Trainer``: rollouts, rewards, group advantages, clipped updates.
+
+One optimizer step (per micro-batch of prompts):
+
+1. every ``μ = num_iterations`` steps, sample ``G`` completions per prompt with the rollout engine
+   (:func:`align.sampling.generate`, generator seeded from ``(seed, cycle, micro, rank)``), score them with
+   the reward functions (TRL's calling convention, failures isolated by :class:`align.rewards.RewardRunner`)
+   and compute group advantages;
+2. draw one mask plan per inner iteration ``k < μ`` (seeded from ``(seed, cycle, micro, rank, k)``) and,
+   without gradients, score it under the rollout policy (``old``) and the reference;
+3. score iteration ``k``'s plan under the current policy with gradients and minimise
+   ``−min(ρA, clip(ρ, 1−ε, 1+ε_high)A) + β·k3`` aggregated by ``loss_type``. At ``k = 0`` the old scores are the
+   current ones detached, so ``ρ = 1`` exactly.
+
+Metrics (reward per function, advantages, clip fraction, KL, completion length, rollout time share and
+tokens/s) go to the Trainer's loggers; samples of completions to ``<output_dir>/completions.jsonl``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate.utils import DistributedType
+from transformers import Trainer
+
+from align.evaluate import completion_lengths
+from align.likelihood import LikelihoodEstimate, draw_masks, evaluate
+from align.rng import make_generator
+from align.trainers.grpo_config import GRPOOptions
+from align.trainers.grpo_math import aggregate, clipped_surrogate, group_advantages, k3_kl
+from align.trainers.sft import CompleteMarker, NonFiniteGuard
+
+
+@dataclass
+class Rollout:
+    """One micro-batch of rollouts and everything the μ inner iterations need."""
+
+    input_ids: torch.Tensor          # [N, P + L] prompt (left padded) + completion
+    attention_mask: torch.Tensor     # [N, P + L]
+    completion_mask: torch.Tensor    # [N, L] completion tokens in the loss (up to and including the stop)
+    advantages: torch.Tensor         # [N]
+    plans: list[Any]                 # one MaskPlan per inner iteration
+    old: list[LikelihoodEstimate | None]
+    ref: list[LikelihoodEstimate | None]
+    prompt_len: int
+
+
+class _ForwardShim(torch.nn.Module):
+    """Exposes ``hidden_states``/``head``/``mask_token_id`` while running the body through the wrapped model's
+    ``forward`` (so DDP / DeepSpeed hooks fire)."""
+
+    def __init__(self, wrapped: torch.nn.Module, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.wrapped, self.inner = wrapped, inner
+
+    @property
+    def mask_token_id(self) -> int:
+        return int(self.inner.mask_token_id)
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.wrapped(input_ids=input_ids, attention_mask=attention_mask, return_hidden=True).hidden_states[0]
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        return self.inner.head(h)
+
+
+def _base(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain denoiser under PEFT wrappers (its hidden_states runs the LoRA layers)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+class DiffusionGRPOTrainer(Trainer):
+    """GRPO-family trainer for masked diffusion models (diffu-GRPO, coupled-GRPO, ELBO-GRPO).
+
+    Args:
+        options: :class:`~align.trainers.grpo_config.GRPOOptions`.
+        reward_runner: calls the reward functions; returns per-function rewards and the weighted total.
+        stop_ids: EOS / end-of-turn ids that end a completion.
+        seed: base seed of the rollout and mask streams.
+        *args, **kwargs: passed to ``Trainer``; batches come from :class:`PromptCollator`.
+    """
+
+    def __init__(self, *args: Any, options: GRPOOptions, reward_runner: Any, stop_ids: list[int], seed: int = 0,
+                 **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.options = options
+        self.reward_runner = reward_runner
+        self.stop_ids = list(stop_ids)
+        self.rl_seed = int(seed)
+        self._buffer: dict[int, Rollout] = {}
+        self._micro_step: tuple[int, int] = (-1, 0)
+        self._metrics: dict[str, list[float]] = defaultdict(list)
+        self._samples: list[dict[str, Any]] = []
+        self._time = {"rollout": 0.0, "total": 0.0, "tokens": 0.0}
+        self.ref_model = None
+        if options.beta > 0 and not hasattr(self.model, "disable_adapter"):
+            self.ref_model = copy.deepcopy(_base(self.model)).eval().requires_grad_(False)
+        self.add_callback(NonFiniteGuard())
+        self.add_callback(CompleteMarker())
+
+    # ------------------------------------------------------------------------------------------ rollouts
+    def _micro_index(self) -> int:
+        step = self.state.global_step
+        last, micro = self._micro_step
+        micro = micro + 1 if last == step else 0
+        self._micro_step = (step, micro)
+        return micro
+
+    def _policy(self) -> torch.nn.Module:
+        return self.accelerator.unwrap_model(self.model)
+
+    def _ref_scores(self, plan: Any) -> LikelihoodEstimate | None:
+        if self.options.beta <= 0:
+            return None
+        policy = self._policy()
+        if self.ref_model is not None:
+            return evaluate(self.ref_model, plan)
+        with policy.disable_adapter():  # LoRA: the reference is the base model
+            return evaluate(_base(policy), plan)
+
+    @torch.no_grad()
+    def _rollout(self, inputs: dict[str, Any], cycle: int, micro: int) -> Rollout:
+        from align.sampling import generate
+
+        o, G = self.options, self.options.num_generations
+        t0 = time.perf_counter()
+        policy = self._policy()
+        was_training = policy.training
+        policy.eval()
+        rank = self.args.process_index
+        ids = inputs["prompt_ids"].repeat_interleave(G, 0)
+        att = inputs["prompt_mask"].repeat_interleave(G, 0)
+        gen = make_generator(self.rl_seed, cycle, micro, rank, 0)
+        out = generate(_base(policy), ids, attention_mask=att, gen_length=o.max_completion_length, steps=o.steps,
+                       block_length=o.block_length, temperature=o.temperature, remasking=o.remasking,
+                       threshold=o.threshold, cache=o.cache, cfg_scale=o.cfg_scale, generator=gen)
+        P, L = ids.shape[1], o.max_completion_length
+        comp = out.sequences[:, P:]
+        lengths = completion_lengths(comp, self.stop_ids)              # tokens before the first stop
+        has_stop = lengths < L
+        comp_mask = torch.arange(L, device=comp.device)[None] < (lengths + 1).clamp(max=L)[:, None]
+        if o.mask_truncated_completions:
+            comp_mask &= has_stop[:, None]
+        tok = self.processing_class
+        texts = [tok.decode(comp[i, : lengths[i]].tolist(), skip_special_tokens=True) for i in range(len(comp))]
+        rows = inputs["rows"]
+        prompts = [r["prompt"] for r in rows for _ in range(G)]
+        columns = {k: [r[k] for r in rows for _ in range(G)] for k in rows[0] if k != "prompt"}
+        comp_ids = [comp[i, : int(lengths[i]) + int(has_stop[i])].tolist() for i in range(len(comp))]
+        scored = self.reward_runner(prompts, texts, comp_ids, **columns)
+        per_fn, total = scored.per_function, scored.total
+        A = group_advantages(total.float(), G, scale_rewards=o.scale_rewards, baseline=o.baseline).to(comp.device)
+        input_ids = out.sequences
+        attention = torch.cat([att, torch.ones_like(comp)], 1)
+        response = torch.cat([torch.zeros_like(att, dtype=torch.bool), comp_mask], 1)
+        plans = [draw_masks(input_ids, response, estimator=o.estimator, attention_mask=attention,
+                            generator=make_generator(self.rl_seed, cycle, micro, rank, 1 + k), **o.estimator_args)
+                 .to(input_ids.device) for k in range(o.num_iterations)]
+        old = [None] + [evaluate(_base(policy), plans[k]) for k in range(1, o.num_iterations)]
+        ref = [self._ref_scores(p) for p in plans]
+        if was_training:
+            policy.train()
+        dt = time.perf_counter() - t0
+        self._time["rollout"] += dt
+        self._time["tokens"] += float(len(comp) * L)
+        self._log_rollout(scored.names, per_fn, total, A, lengths, has_stop, prompts, texts, columns)
+        return Rollout(input_ids, attention, comp_mask, A, plans, old, ref, P)
+
+    def _log_rollout(self, names: tuple[str, ...], per_fn: torch.Tensor, total: torch.Tensor, A: torch.Tensor,
+                     lengths: torch.Tensor, has_stop: torch.Tensor, prompts: list[Any], texts: list[str],
+                     columns: dict[str, list]) -> None:
+        m = self._metrics
+        for j, name in enumerate(names):
+            col = per_fn[:, j].float()
+            ok = col[~torch.isnan(col)]
+            m[f"rewards/{name}/mean"].append(ok.mean().item() if ok.numel() else float("nan"))
+            m[f"rewards/{name}/std"].append(ok.std().item() if ok.numel() > 1 else 0.0)
+        t = total[~torch.isnan(total)].float()
+        m["reward"].append(t.mean().item() if t.numel() else float("nan"))
+        m["reward_std"].append(t.std().item() if t.numel() > 1 else 0.0)
+        m["advantages/mean"].append(A.mean().item())
+        m["advantages/std"].append(A.std().item() if A.numel() > 1 else 0.0)
+        m["advantages/abs_max"].append(A.abs().max().item())
+        m["completions/mean_length"].append(lengths.float().mean().item())
+        m["completions/truncated_ratio"].append(1.0 - has_stop.float().mean().item())
+        for k, v in self.reward_runner.metrics(prefix="reward_errors/").items():
+            if k.endswith(("/failed_samples", "/timeouts", "/error_rate", "stuck_calls")):
+                m[k].append(float(v))
+        n = min(self.options.log_completions, len(texts))
+        for i in range(n):
+            extra = {f"column/{k}": v[i] for k, v in columns.items() if isinstance(v[i], (str, int, float))}
+            self._samples.append({**extra, "step": self.state.global_step,
+                                  "prompt": prompts[i] if isinstance(prompts[i], str) else prompts[i][-1]["content"],
+                                  "completion": texts[i], "reward": None if torch.isnan(total[i]) else float(total[i]),
+                                  "advantage": float(A[i])})
+
+    # ------------------------------------------------------------------------------------------ loss
+    def _policy_loss(self, model: torch.nn.Module, ro: Rollout, k: int) -> torch.Tensor:
+        o = self.options
+        scorer = _ForwardShim(model, _base(self._policy())) if _base(self._policy()) is not model else model
+        cur = evaluate(scorer, ro.plans[k])
+        old = ro.old[k] if ro.old[k] is not None else None
+        ref = ro.ref[k]
+        eps_hi = o.epsilon if o.epsilon_high is None else o.epsilon_high
+        P, A = ro.prompt_len, ro.advantages
+        m = self._metrics
+        if o.is_level == "token":
+            logp = cur.token_logp[:, P:]
+            old_logp = logp.detach() if old is None else old.token_logp[:, P:]
+            per_tok, clipped = clipped_surrogate(logp, old_logp, A[:, None], o.epsilon, eps_hi)
+            mask = ro.completion_mask
+            if ref is not None:
+                kl = k3_kl(logp, ref.token_logp[:, P:])
+                per_tok = per_tok + o.beta * kl
+                m["kl"].append(((kl * mask).sum() / mask.sum().clamp_min(1)).item())
+            loss = aggregate(per_tok, mask, o.loss_type, o.max_completion_length)
+            m["clip_ratio"].append(((clipped & mask).sum() / mask.sum().clamp_min(1)).item())
+        else:
+            n_tok = ro.completion_mask.sum(1).clamp_min(1).to(cur.seq_logp.dtype)
+            logp = cur.seq_logp
+            old_logp = logp.detach() if old is None else old.seq_logp
+            per_seq, clipped = clipped_surrogate(logp, old_logp, A, o.epsilon, eps_hi)
+            if ref is not None:
+                kl = k3_kl(logp / n_tok, ref.seq_logp / n_tok)   # per-token average log-likelihoods
+                per_seq = per_seq + o.beta * kl
+                m["kl"].append(kl.mean().item())
+            keep = ro.completion_mask.any(1).to(per_seq.dtype)
+            loss = (per_seq * keep).sum() / keep.sum().clamp_min(1)
+            m["clip_ratio"].append(clipped.float().mean().item())
+        return loss
+
+    def training_step(self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None
+                      ) -> torch.Tensor:
+        """Roll out (every μ steps), then one clipped policy-gradient backward pass on the buffered batch."""
+        t0 = time.perf_counter()
+        step, mu = self.state.global_step, self.options.num_iterations
+        micro = self._micro_index()
+        k = step % mu
+        if k == 0 or micro not in self._buffer:
+            inputs = self._prepare_inputs(inputs)
+            self._buffer[micro] = self._rollout(inputs, step // mu, micro)
+        model.train()
+        loss = self._policy_loss(model, self._buffer[micro], k)
+        loss = loss / self.current_gradient_accumulation_steps
+        kwargs: dict[str, Any] = {}
+        if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
+            kwargs["scale_wrt_gas"] = False
+        self.accelerator.backward(loss, **kwargs)
+        self._time["total"] += time.perf_counter() - t0
+        return loss.detach()
+
+    def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> torch.Tensor:
+        """Not used: :meth:`training_step` computes the loss from buffered rollouts."""
+        raise NotImplementedError("DiffusionGRPOTrainer computes its loss in training_step")
+
+    # ------------------------------------------------------------------------------------------ logging
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Add the averaged GRPO metrics (and write sampled completions) at each logging step."""
+        if "loss" in logs:
+            for key, vals in self._metrics.items():
+                finite = [v for v in vals if v == v]
+                if finite:
+                    logs[key] = sum(finite) / len(finite)
+            if self._time["total"] > 0:
+                logs["rollout/time_share"] = self._time["rollout"] / self._time["total"]
+            if self._time["rollout"] > 0:
+                logs["rollout/tokens_per_second"] = self._time["tokens"] / self._time["rollout"]
+            self._metrics.clear()
+            self._time = {"rollout": 0.0, "total": 0.0, "tokens": 0.0}
+            self._write_samples()
+        super().log(logs, start_time)
+
+    def _write_samples(self) -> None:
+        if not self._samples or not self.is_world_process_zero():
+            self._samples = []
+            return
+        path = Path(self.args.output_dir) / "completions.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            for s in self._samples:
+                f.write(json.dumps(s, default=str) + "\n")
+        if "wandb" in (self.args.report_to or []):
+            import wandb
+
+            if wandb.run is not None:
+                cols = sorted({k for s in self._samples for k in s})
+                wandb.log({"completions": wandb.Table(columns=cols, data=[[s.get(c) for c in cols]
+                                                                           for s in self._samples])})
+        self._samples = []

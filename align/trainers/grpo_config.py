@@ -1,0 +1,127 @@
+"""Options of the diffusion GRPO stage (names follow TRL's ``GRPOConfig`` where the meaning is the same)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+ESTIMATOR_CHOICES = ("one_step", "coupled", "elbo")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo")
+SCALE_REWARDS = ("group", "batch", "none")
+BASELINES = ("mean", "leave_one_out")
+IS_LEVELS = ("token", "sequence")
+
+
+@dataclass
+class GRPOOptions:
+    """Diffusion policy-optimization options of the ``grpo`` stage.
+
+    ``per_device_train_batch_size`` (a TrainingArguments field in the same section) counts completions, as
+    in TRL, and must be a multiple of ``num_generations``.
+
+    Attributes:
+        num_generations: completions ``G`` sampled per prompt.
+        max_completion_length: generated tokens per completion (the sampler's ``gen_length``).
+        steps, block_length, temperature, remasking, threshold, cache, cfg_scale: rollout sampler settings
+            (:func:`align.sampling.generate`).
+        estimator: ``one_step`` (diffu-GRPO), ``coupled`` (coupled-GRPO) or ``elbo`` (ELBO-GRPO).
+        estimator_args: keyword arguments of the estimator's mask draw (``p_mask_prompt``; ``t_min``/``t_max``;
+            ``num_samples``, ``sampler``, ``n_nodes``).
+        importance_sampling_level: ``token`` or ``sequence`` ratio; default ``token`` for one_step/coupled and
+            ``sequence`` for elbo.
+        num_iterations: ``μ`` gradient steps per batch of rollouts; each uses its own mask draw, shared by the
+            old, reference and current policy. A new batch of prompts is drawn every ``μ`` steps.
+        epsilon, epsilon_high: clip range ``[1 − ε, 1 + ε_high]`` (``ε_high`` defaults to ``ε``).
+        beta: weight of the k3 KL to the reference (adapter disabled under LoRA, else a frozen copy).
+        loss_type: ``grpo`` (per-sequence mean, then batch mean), ``bnpo`` (global token mean) or ``dr_grpo``
+            (sum divided by completions × max_completion_length).
+        scale_rewards: divide advantages by the ``group`` std, the ``batch`` std, or ``none``.
+        baseline: ``mean`` (group mean) or ``leave_one_out`` (mean of the other completions of the group).
+        mask_truncated_completions: exclude completions with no stop token from the loss.
+        rewards: reward specs: ``{name: ..., weight: ..., <kwargs>}`` (see :mod:`align.rewards`).
+        reward_failure: keyword arguments of :class:`align.rewards.RewardRunner`: ``on_error`` (skip / zero /
+            abort), ``timeout_s``, ``isolation`` (none / thread / process), ``max_error_rate``, ``min_samples``,
+            ``count_none_as_error``. A reward entry may override ``on_error`` / ``timeout_s`` for itself.
+        log_completions: completions written to ``completions.jsonl`` (and loggers) per logging step.
+    """
+
+    num_generations: int = 8
+    max_completion_length: int = 32
+    steps: int = 32
+    block_length: int = 32
+    temperature: float = 1.0
+    remasking: str = "low_confidence"
+    threshold: float | None = None
+    cache: str | None = None
+    cfg_scale: float = 0.0
+    estimator: str = "one_step"
+    estimator_args: dict[str, Any] = field(default_factory=dict)
+    importance_sampling_level: str | None = None
+    num_iterations: int = 1
+    epsilon: float = 0.2
+    epsilon_high: float | None = None
+    beta: float = 0.0
+    loss_type: str = "grpo"
+    scale_rewards: str = "group"
+    baseline: str = "mean"
+    mask_truncated_completions: bool = False
+    rewards: list[dict[str, Any]] = field(default_factory=lambda: [{"name": "task_accuracy"}])
+    reward_failure: dict[str, Any] = field(default_factory=dict)
+    log_completions: int = 4
+
+    @property
+    def is_level(self) -> str:
+        """The importance-sampling level in effect."""
+        if self.importance_sampling_level is not None:
+            return self.importance_sampling_level
+        return "sequence" if self.estimator == "elbo" else "token"
+
+
+def check_grpo_options(o: GRPOOptions, ta_kwargs: dict[str, Any], where: str = "grpo") -> list[str]:
+    """Problems with a GRPO section, each naming its key (empty when valid)."""
+    errs: list[str] = []
+
+    def bad(key: str, msg: str) -> None:
+        errs.append(f"'{where}.{key}' {msg}")
+
+    if o.num_generations < 2:
+        bad("num_generations", f"must be >= 2 (group advantages need a group), got {o.num_generations}")
+    bs = ta_kwargs.get("per_device_train_batch_size", 8)
+    if isinstance(bs, int) and o.num_generations >= 1 and bs % o.num_generations:
+        bad("per_device_train_batch_size", f"({bs}) must be a multiple of num_generations ({o.num_generations})")
+    if o.max_completion_length < 1 or o.block_length < 1 or o.max_completion_length % o.block_length:
+        bad("max_completion_length", f"({o.max_completion_length}) must be a positive multiple of block_length "
+            f"({o.block_length})")
+    else:
+        n_blocks = o.max_completion_length // o.block_length
+        if o.steps < n_blocks or o.steps % n_blocks:
+            bad("steps", f"({o.steps}) must be a positive multiple of the number of blocks ({n_blocks})")
+    if o.temperature < 0:
+        bad("temperature", f"must be >= 0, got {o.temperature}")
+    if o.remasking not in ("low_confidence", "random", "margin", "entropy"):
+        bad("remasking", f"must be low_confidence, random, margin or entropy, got {o.remasking!r}")
+    if o.cache not in (None, "prefix", "dual"):
+        bad("cache", f"must be null, prefix or dual, got {o.cache!r}")
+    if o.threshold is not None and not 0 < o.threshold <= 1:
+        bad("threshold", f"must be in (0, 1], got {o.threshold}")
+    if o.estimator not in ESTIMATOR_CHOICES:
+        bad("estimator", f"must be one of {', '.join(ESTIMATOR_CHOICES)}, got {o.estimator!r}")
+    if o.importance_sampling_level not in (None, *IS_LEVELS):
+        bad("importance_sampling_level", f"must be token or sequence, got {o.importance_sampling_level!r}")
+    if o.num_iterations < 1:
+        bad("num_iterations", f"must be >= 1, got {o.num_iterations}")
+    if o.epsilon <= 0 or (o.epsilon_high is not None and o.epsilon_high <= 0):
+        bad("epsilon", "and epsilon_high must be > 0")
+    if o.beta < 0:
+        bad("beta", f"must be >= 0, got {o.beta}")
+    if o.loss_type not in LOSS_TYPES:
+        bad("loss_type", f"must be one of {', '.join(LOSS_TYPES)}, got {o.loss_type!r}")
+    if o.scale_rewards not in SCALE_REWARDS:
+        bad("scale_rewards", f"must be one of {', '.join(SCALE_REWARDS)}, got {o.scale_rewards!r}")
+    if o.baseline not in BASELINES:
+        bad("baseline", f"must be mean or leave_one_out, got {o.baseline!r}")
+    if not o.rewards:
+        bad("rewards", "must name at least one reward function")
+    if o.log_completions < 0:
+        bad("log_completions", "must be >= 0")
+    return errs
