@@ -147,11 +147,13 @@ def arithmetic_dataset(num_train: int = 20000, num_test: int = 500, *, seed: int
                        spec: ArithmeticTaskSpec | None = None) -> DatasetDict:
     """Train and held-out splits of the arithmetic task as a ``datasets.DatasetDict``.
 
-    Columns: ``prompt``, ``completion``, ``answer``. The test split is drawn with a different seed and
-    excludes every training prompt.
+    Columns: ``prompt``, ``completion``, ``answer``. The test split is drawn first, from its own stream, so it
+    depends only on ``seed`` and ``spec`` (a larger ``num_test`` extends it); the train split excludes every
+    test prompt, and a larger ``num_train`` extends the same sequence. Runs that share a seed (pre-training
+    and SFT of the quickstart) therefore never train on the held-out problems.
     """
-    train = generate_problems(num_train, seed=seed, spec=spec)
-    test = generate_problems(num_test, seed=seed + 1_000_003, spec=spec, exclude={str(p["prompt"]) for p in train})
+    test = generate_problems(num_test, seed=seed + 1_000_003, spec=spec)
+    train = generate_problems(num_train, seed=seed, spec=spec, exclude={str(p["prompt"]) for p in test})
     return DatasetDict({"train": Dataset.from_list(train), "test": Dataset.from_list(test)})
 
 

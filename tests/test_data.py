@@ -122,3 +122,11 @@ def test_collator_errors():
         SFTCollator(0, eos_train=-1)
     with pytest.raises(CollatorError):
         SFTCollator(0)([{"prompt_ids": [1], "completion_ids": []}])
+
+
+def test_splits_nest_across_sizes():
+    small = arithmetic_dataset(100, 50, seed=0)
+    big = arithmetic_dataset(400, 80, seed=0)
+    assert big["test"]["prompt"][:50] == small["test"]["prompt"]
+    assert big["train"]["prompt"][:100] == small["train"]["prompt"]
+    assert not set(big["train"]["prompt"]) & set(small["test"]["prompt"])

@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from align.rewards import register_reward
 
 from align.config import config_from_dict
 from align.pipeline import run_recipe
-from align.rewards import register_reward
 
 TINY = {"d_model": 32, "n_heads": 2, "n_kv_heads": 2, "n_layers": 2, "mlp_hidden_size": 64,
         "max_sequence_length": 128, "mask_token_id": 5, "eos_token_id": 0, "pad_token_id": 0}
@@ -88,9 +88,9 @@ def test_bad_grpo_settings_are_named(tmp_path):
 
     with pytest.raises(ConfigError, match="per_device_train_batch_size"):
         config_from_dict(_recipe(tmp_path, {"per_device_train_batch_size": 5}))
-    with pytest.raises(ConfigError, match="'grpo.loss_type'"):
+    with pytest.raises(ConfigError, match=r"'grpo\.loss_type'"):
         config_from_dict(_recipe(tmp_path, {"loss_type": "sum"}))
-    with pytest.raises(ConfigError, match="grpo.rewards"):
+    with pytest.raises(ConfigError, match=r"grpo\.rewards"):
         config_from_dict(_recipe(tmp_path, {"rewards": [{"name": "no_such_reward"}]}))
-    with pytest.raises(ConfigError, match="grpo.estimator_args"):
+    with pytest.raises(ConfigError, match=r"grpo\.estimator_args"):
         config_from_dict(_recipe(tmp_path, {"estimator": "elbo", "estimator_args": {"sampler": "bogus"}}))
