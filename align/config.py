@@ -153,6 +153,8 @@ class EvalConfig:
         batch_size: prompts per sampler call.
         gen_length, steps, block_length, temperature, remasking, threshold, cache, cfg_scale: sampler
             settings (see ``dlm-align generate --help``).
+        loop_detection: keyword arguments of :func:`align.rewards.detect_loops` used for ``loop_rate``
+            (e.g. ``min_span`` for short completions).
     """
 
     enabled: bool = True
@@ -167,6 +169,7 @@ class EvalConfig:
     threshold: float | None = None
     cache: str | None = None
     cfg_scale: float = 0.0
+    loop_detection: dict[str, Any] = field(default_factory=dict)
 
 
 STAGES = ("pretrain", "sft", "grpo")
@@ -449,6 +452,14 @@ def validate(cfg: RecipeConfig) -> RecipeConfig:
             raise ConfigError(f"'eval.threshold' must be in (0, 1], got {e.threshold}")
         if e.temperature < 0:
             raise ConfigError(f"'eval.temperature' must be >= 0, got {e.temperature}")
+        import inspect
+
+        from align.rewards import detect_loops
+
+        loop_params = set(inspect.signature(detect_loops).parameters) - {"completion_ids", "pad_ids"}
+        for k in e.loop_detection:
+            if k not in loop_params:
+                raise _unknown(k, sorted(loop_params), "eval.loop_detection")
         if d.task is None and d.eval_files is None:
             raise ConfigError("evaluation needs held-out rows: set 'data.eval_files' or use 'data.task', "
                               "or set 'eval.enabled: false'")

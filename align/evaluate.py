@@ -1,7 +1,8 @@
 """Held-out evaluation: sample completions with the rollout engine and score the final answers.
 
 Reports accuracy, mean completion length (tokens up to the end of the answer, i.e. before the first
-EOS / end-of-turn), and keeps each completion for the run report.
+EOS / end-of-turn), the loop rate (share of completions in which :func:`align.rewards.detect_loops` finds a
+repetition loop) and keeps each completion for the run report.
 """
 
 from __future__ import annotations
@@ -29,19 +30,24 @@ class EvalResult:
         mean_completion_length: mean number of completion tokens before the first stop token.
         num_problems: problems scored.
         nfe: model forward calls spent by the sampler.
-        samples: per-problem records (prompt, completion, answer, predicted, correct, length).
+        loop_rate: share of completions with at least one loop.
+        mean_loop_fraction: mean share of a completion's tokens covered by loops.
+        samples: per-problem records (prompt, completion, answer, predicted, correct, length, loop_fraction).
     """
 
     accuracy: float
     mean_completion_length: float
     num_problems: int
     nfe: int
+    loop_rate: float = 0.0
+    mean_loop_fraction: float = 0.0
     samples: list[dict[str, Any]] = field(default_factory=list)
 
     def summary(self) -> dict[str, float | int]:
         """The scalar fields, for ``report.json``."""
         return {"accuracy": self.accuracy, "mean_completion_length": self.mean_completion_length,
-                "num_problems": self.num_problems, "nfe": self.nfe}
+                "num_problems": self.num_problems, "nfe": self.nfe, "loop_rate": self.loop_rate,
+                "mean_loop_fraction": self.mean_loop_fraction}
 
 
 def stop_token_ids(tokenizer: Any) -> list[int]:
@@ -96,6 +102,7 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, prompts: list[Any], answers
         cfg: sampler settings and batch size.
         seed: seed of the sampler's generator (only used at temperature > 0 or random remasking).
     """
+    from align.rewards import detect_loops
     from align.sampling import generate
 
     if len(prompts) != len(answers):
@@ -118,16 +125,20 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, prompts: list[Any], answers
         nfe += int(out.nfe)
         comp = out.sequences[:, ids.shape[1]:].cpu()
         lengths = completion_lengths(comp, stops)
+        loops = detect_loops(comp, pad_ids=stops, **cfg.loop_detection)
         for i, p in enumerate(chunk):
             text = tokenizer.decode(comp[i, : lengths[i]].tolist(), skip_special_tokens=True)
             pred = extract_answer(text)
             ans = answers[s + i]
             correct = _same_answer(pred, str(ans))
             samples.append({"prompt": p if isinstance(p, str) else p[-1]["content"], "completion": text,
-                            "answer": str(ans), "predicted": pred, "correct": correct, "length": int(lengths[i])})
+                            "answer": str(ans), "predicted": pred, "correct": correct, "length": int(lengths[i]),
+                            "loop_fraction": float(loops[i].fraction)})
     if was_training:
         model.train()
     n = len(samples)
     return EvalResult(accuracy=sum(r["correct"] for r in samples) / max(n, 1),
                       mean_completion_length=sum(r["length"] for r in samples) / max(n, 1),
-                      num_problems=n, nfe=nfe, samples=samples)
+                      num_problems=n, nfe=nfe, samples=samples,
+                      loop_rate=sum(r["loop_fraction"] > 0 for r in samples) / max(n, 1),
+                      mean_loop_fraction=sum(r["loop_fraction"] for r in samples) / max(n, 1))

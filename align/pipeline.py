@@ -12,6 +12,7 @@ Layout of a run directory::
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -27,7 +28,7 @@ from align.build import apply_lora, build_model_and_tokenizer
 from align.config import RecipeConfig, config_to_dict
 from align.data.collator import SFTCollator
 from align.data.formatting import ColumnNames
-from align.data.loading import load_files, load_task, tokenize_dataset
+from align.data.loading import load_files, load_task, tokenize_dataset, tokenize_prompts
 from align.data.task import pretraining_texts
 from align.evaluate import EvalResult, evaluate
 
@@ -200,8 +201,8 @@ def train_grpo_stage(cfg: RecipeConfig, model: torch.nn.Module, tokenizer: Any, 
     opts, ta_kwargs = cfg.stage_options("grpo")
     stage_dir = Path(cfg.output_dir) / "grpo"
     d = cfg.data
-    rows = tokenize_dataset(train, tokenizer, fmt=d.format, use_chat_template=d.use_chat_template,
-                            max_length=d.max_length, source=d.task or ",".join(d.train_files or []), names=_names(cfg))
+    rows = tokenize_prompts(train, tokenizer, use_chat_template=d.use_chat_template, max_length=d.max_length,
+                            source=d.task or ",".join(d.train_files or []), names=_names(cfg))
     if cfg.peft is not None:
         model = apply_lora(model, cfg.peft)
     # TRL counts completions in per_device_train_batch_size; the dataloader yields prompts.
@@ -213,8 +214,7 @@ def train_grpo_stage(cfg: RecipeConfig, model: torch.nn.Module, tokenizer: Any, 
                              run_name=f"{cfg.run_name or Path(cfg.output_dir).name}-grpo",
                              remove_unused_columns=False, **ta_kwargs)
     runner = RewardRunner.from_specs(opts.rewards, **opts.reward_failure)
-    keep = [c for c in rows.column_names if c != "completion_ids"]
-    trainer = DiffusionGRPOTrainer(model=model, args=args, train_dataset=rows.select_columns(keep),
+    trainer = DiffusionGRPOTrainer(model=model, args=args, train_dataset=rows,
                                    data_collator=PromptCollator(tokenizer.pad_token_id), processing_class=tokenizer,
                                    options=opts, reward_runner=runner, stop_ids=stop_token_ids(tokenizer),
                                    seed=cfg.seed)
@@ -231,14 +231,36 @@ def _mask_id(model: torch.nn.Module) -> int:
     return int(base.mask_token_id)
 
 
+def _correct_list(cfg: RecipeConfig, stage: str) -> list[bool] | None:
+    path = Path(cfg.output_dir) / "eval" / f"{stage}.jsonl"
+    if not path.is_file():
+        return None
+    return [bool(json.loads(line)["correct"]) for line in path.read_text().splitlines() if line.strip()]
+
+
+def compare_stages(cfg: RecipeConfig, report: dict[str, Any]) -> None:
+    """Paired McNemar test of each evaluated stage against the one before it (``report["comparisons"]``)."""
+    from align.stats import mcnemar_exact
+
+    names = [s for s in report["stages"] if "accuracy" in report["stages"][s]]
+    comps = report.setdefault("comparisons", {})
+    for prev, cur in itertools.pairwise(names):
+        a, b = _correct_list(cfg, prev), _correct_list(cfg, cur)
+        if a is not None and b is not None and len(a) == len(b):
+            comps[f"{cur}_vs_{prev}"] = mcnemar_exact(a, b)
+
+
 def print_table(report: dict[str, Any]) -> str:
-    """Format the per-stage results as a text table (also returned)."""
-    lines = [f"{'stage':<10} {'accuracy':>9} {'mean_len':>9} {'problems':>9} {'nfe':>7}"]
+    """Format the per-stage results (and paired comparisons) as a text table (also returned)."""
+    lines = [f"{'stage':<10} {'accuracy':>9} {'mean_len':>9} {'loop_rate':>10} {'problems':>9} {'nfe':>7}"]
     for name, r in report["stages"].items():
         if "accuracy" not in r:
             continue
         lines.append(f"{name:<10} {100 * r['accuracy']:>8.1f}% {r['mean_completion_length']:>9.1f} "
-                     f"{r['num_problems']:>9d} {r.get('nfe', 0):>7d}")
+                     f"{100 * r.get('loop_rate', 0.0):>9.1f}% {r['num_problems']:>9d} {r.get('nfe', 0):>7d}")
+    for key, c in report.get("comparisons", {}).items():
+        lines.append(f"{key}: {100 * c['delta']:+.1f} points, McNemar p = {c['p_value']:.3g} "
+                     f"(fixed {c['n01']}, broke {c['n10']})")
     text = "\n".join(lines)
     print(text)
     return text
@@ -283,6 +305,7 @@ def run_recipe(cfg: RecipeConfig) -> dict[str, Any]:
         if _is_main_process():
             _write_json_atomic(_report_path(cfg), report)
     if _is_main_process():
+        compare_stages(cfg, report)
         _write_json_atomic(_report_path(cfg), report)
         print_table(report)
         print(f"report: {_report_path(cfg)}")

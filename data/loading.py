@@ -95,3 +95,50 @@ def tokenize_dataset(ds: Dataset, tokenizer: Any, *, fmt: str = "auto", use_chat
     out = ds.select(keep) if too_long else ds
     out = out.add_column("prompt_ids", prompt_ids).add_column("completion_ids", completion_ids)
     return out
+
+
+def tokenize_prompts(ds: Dataset, tokenizer: Any, *, use_chat_template: bool = True, max_length: int | None = None,
+                     source: str = "dataset", names: ColumnNames | None = None) -> Dataset:
+    """Add a ``prompt_ids`` column from the prompt (or the ``messages`` before the last assistant turn).
+
+    Used by RL stages, which need prompts and whatever columns the rewards read (e.g. ``answer``) but no
+    completion. Prompts longer than ``max_length`` are dropped and counted in the log.
+    """
+    from align.data.formatting import _as_prompt_messages, _check_messages, encode_prompt
+
+    names = names or ColumnNames()
+    cols = ds.column_names
+    if names.prompt not in cols and names.messages not in cols:
+        raise DataFormatError(f"{source}: an RL stage needs a '{names.prompt}' or '{names.messages}' column; "
+                              f"columns are {cols}")
+    ids: list[list[int]] = []
+    prompts: list[Any] = []
+    keep: list[int] = []
+    too_long = 0
+    for i, row in enumerate(ds):
+        where = f"{source} row {i}"
+        if names.prompt in cols:
+            prompt = row[names.prompt]
+            if not isinstance(prompt, (str, list)):
+                raise DataFormatError(f"{where}: field '{names.prompt}' must be a string or messages, "
+                                      f"got {type(prompt).__name__}")
+            prompt = _as_prompt_messages(prompt, where, names.prompt) if isinstance(prompt, list) else prompt
+        else:
+            msgs = _check_messages(row[names.messages], where, names.messages)
+            prompt = msgs[:-1] if msgs[-1]["role"] == "assistant" else msgs
+        p = encode_prompt(tokenizer, prompt, use_chat_template=use_chat_template)
+        if max_length is not None and len(p) > max_length:
+            too_long += 1
+            continue
+        keep.append(i)
+        ids.append(p)
+        prompts.append(prompt)
+    if too_long:
+        logger.warning("%s: dropped %d of %d prompts longer than max_length=%d tokens", source, too_long, len(ds),
+                       max_length)
+    if not keep:
+        raise DataFormatError(f"{source}: no usable prompts")
+    out = ds.select(keep) if too_long else ds
+    # Rewards receive the prompt under the name "prompt", as TRL passes it.
+    out = out.remove_columns([c for c in (names.prompt, "prompt") if c in out.column_names])
+    return out.add_column("prompt", prompts).add_column("prompt_ids", ids)

@@ -130,3 +130,17 @@ def test_splits_nest_across_sizes():
     assert big["test"]["prompt"][:50] == small["test"]["prompt"]
     assert big["train"]["prompt"][:100] == small["train"]["prompt"]
     assert not set(big["train"]["prompt"]) & set(small["test"]["prompt"])
+
+
+def test_tokenize_prompts_for_rl(tmp_path, tok):
+    from align.data.formatting import ColumnNames
+    from align.data.loading import tokenize_prompts
+
+    f = tmp_path / "gsm.jsonl"
+    f.write_text("\n".join(json.dumps({"question": f"Tom has {i} apples.", "answer": f"so #### {i}"}) for i in range(3)))
+    out = tokenize_prompts(load_files(str(f)), tok, names=ColumnNames(prompt="question"), source="gsm.jsonl")
+    assert out.column_names == ["answer", "prompt", "prompt_ids"]
+    assert out[1]["prompt"] == "Tom has 1 apples."
+    assert tok.decode(out[1]["prompt_ids"]).endswith("assistant<|end_header_id|>\n\n")
+    with pytest.raises(DataFormatError, match="needs a 'prompt' or 'messages' column"):
+        tokenize_prompts(load_files(str(f)), tok, source="gsm.jsonl")
