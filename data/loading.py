@@ -140,5 +140,5 @@ def tokenize_prompts(ds: Dataset, tokenizer: Any, *, use_chat_template: bool = T
         raise DataFormatError(f"{source}: no usable prompts")
     out = ds.select(keep) if too_long else ds
     # Rewards receive the prompt under the name "prompt", as TRL passes it.
-    out = out.remove_columns([c for c in (names.prompt, "prompt") if c in out.column_names])
+    out = out.remove_columns([c for c in dict.fromkeys((names.prompt, "prompt")) if c in out.column_names])
     return out.add_column("prompt", prompts).add_column("prompt_ids", ids)

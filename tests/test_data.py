@@ -137,7 +137,8 @@ def test_tokenize_prompts_for_rl(tmp_path, tok):
     from align.data.loading import tokenize_prompts
 
     f = tmp_path / "gsm.jsonl"
-    f.write_text("\n".join(json.dumps({"question": f"Tom has {i} apples.", "answer": f"so #### {i}"}) for i in range(3)))
+    rows = [{"question": f"Tom has {i} apples.", "answer": f"so #### {i}"} for i in range(3)]
+    f.write_text("\n".join(json.dumps(r) for r in rows))
     out = tokenize_prompts(load_files(str(f)), tok, names=ColumnNames(prompt="question"), source="gsm.jsonl")
     assert out.column_names == ["answer", "prompt", "prompt_ids"]
     assert out[1]["prompt"] == "Tom has 1 apples."

@@ -19,7 +19,14 @@ def digit_share(prompts, completions, completion_ids=None, **kwargs):
     return [sum(c.isdigit() for c in text) / max(len(text), 1) for text in completions]
 
 
-register_reward("test_digit_share", digit_share, overwrite=True)
+@pytest.fixture(autouse=True)
+def _digit_share_reward():
+    """Register the test reward for the duration of each test only (the registry is process-wide)."""
+    from align.rewards import registry
+
+    register_reward("test_digit_share", digit_share, overwrite=True)
+    yield
+    registry._REGISTRY.pop("test_digit_share", None)
 
 
 def _recipe(tmp_path: Path, grpo: dict, **top) -> dict:

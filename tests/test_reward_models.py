@@ -209,11 +209,16 @@ def test_import_paths() -> None:
 
 
 def test_register_custom_reward() -> None:
+    from align.rewards import registry
+
     register_reward("test.constant", constant_reward, overwrite=True)
-    assert "test.constant" in available_rewards()
-    assert build_rewards([{"name": "test.constant", "scale": 2.0}])[0][0](None, ["x"]) == [2.0]
-    with pytest.raises(RewardSpecError, match="already registered"):
-        register_reward("test.constant", constant_reward)
+    try:
+        assert "test.constant" in available_rewards()
+        assert build_rewards([{"name": "test.constant", "scale": 2.0}])[0][0](None, ["x"]) == [2.0]
+        with pytest.raises(RewardSpecError, match="already registered"):
+            register_reward("test.constant", constant_reward)
+    finally:  # the registry is process-wide: leave it as other tests expect it
+        registry._REGISTRY.pop("test.constant", None)
 
 
 # ---------------------------------------------------------------- TRL's own rewards, unchanged

@@ -1,0 +1,227 @@
+"""``dlm-align generate``: sample completions from a checkpoint with the batched denoising sampler.
+
+Prompts come from a text file (one per line), a JSONL file (a ``"prompt"`` field per line: a string
+or a list of chat messages), ``--prompt`` arguments, or standard input. The tokenizer's chat
+template is applied unless ``--raw``. Completions are printed; ``--output`` also writes one JSON
+object per completion with the token ids and the step at which each token was committed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from align.data.formatting import DataFormatError
+
+logger = logging.getLogger(__name__)
+
+EXAMPLES = """examples:
+  dlm-align generate --model runs/quickstart/sft/final --prompts prompts.txt
+  echo "What is 7 + 5?" | dlm-align generate --model ckpt --gen-length 64 --block-length 32
+  dlm-align generate --model ckpt --prompts eval.jsonl --threshold 0.9 --cache prefix --output out.jsonl
+  dlm-align generate --model ckpt --prompt "Tell a story." --temperature 0.8 --num-samples 4 --seed 1
+"""
+
+
+def add_generate_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register the ``generate`` sub-command on ``subparsers`` and return its parser."""
+    p = subparsers.add_parser(
+        "generate",
+        help="sample completions from a checkpoint",
+        description=(
+            "Sample completions from a checkpoint with the batched denoising sampler and print them.\n"
+            "Prompts: --prompt, a .txt file (one per line), a .jsonl file ('prompt' field) or stdin.\n"
+            "Sampler settings follow LLaDA's generate; see docs/sampling.md."
+        ),
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    src = p.add_argument_group("input and output")
+    src.add_argument("--model", required=True, help="checkpoint directory (config.json, weights, tokenizer)")
+    src.add_argument("--prompts", default=None,
+                     help="prompts file: .jsonl with a 'prompt' field per line, otherwise one prompt per line; "
+                          "'-' or omitted (without --prompt) reads standard input")
+    src.add_argument("--prompt", action="append", default=[], help="a prompt on the command line (repeatable)")
+    src.add_argument("--raw", action="store_true", help="encode prompts as plain text, without the chat template")
+    src.add_argument("--output", default=None, help="also write one JSON object per completion to this .jsonl file")
+    src.add_argument("--batch-size", type=int, default=8, help="prompts per sampler call (default 8)")
+
+    s = p.add_argument_group("sampler")
+    s.add_argument("--gen-length", type=int, default=128, help="generated tokens per prompt (default 128)")
+    s.add_argument("--block-length", type=int, default=32,
+                   help="semi-autoregressive block size; divides --gen-length (default 32)")
+    s.add_argument("--steps", type=int, default=None,
+                   help="total denoising steps, a multiple of the number of blocks (default: --gen-length)")
+    s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; >0 samples (default 0)")
+    s.add_argument("--remasking", default="low_confidence", choices=["low_confidence", "random", "margin", "entropy"],
+                   help="which positions to commit first (default low_confidence)")
+    s.add_argument("--threshold", type=float, default=None,
+                   help="commit every position with confidence above this (at least one per step)")
+    s.add_argument("--cache", default="none", choices=["none", "prefix", "dual"],
+                   help="block KV cache: none (exact), prefix or dual (faster, approximate)")
+    s.add_argument("--cfg-scale", type=float, default=0.0, help="classifier-free guidance scale w (default 0)")
+    s.add_argument("--eos-policy", default="stop", choices=["none", "stop"],
+                   help="stop: a row ends once EOS/EOT is committed with everything before it decoded "
+                        "(default); none: always decode all --gen-length tokens")
+    s.add_argument("--logits-eos-inf", action="store_true", help="never generate EOS")
+    s.add_argument("--confidence-eos-eot-inf", action="store_true",
+                   help="zero confidence for EOS (at temperature 0 only) and end-of-turn, as in LLaDA")
+    s.add_argument("--num-samples", type=int, default=1, help="completions per prompt (default 1)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the sampler's generator (default 0)")
+    s.add_argument("--mask-id", type=int, default=None, help="mask token id (default: from the model config)")
+
+    d = p.add_argument_group("device")
+    d.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... or auto (default)")
+    d.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="model dtype; auto = bfloat16 on CUDA, float32 on CPU")
+    d.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"],
+                   help="sampling-step kernel (auto: Triton on CUDA)")
+    p.set_defaults(func=run_generate)
+    return p
+
+
+def read_prompts(source: str | None, inline: list[str]) -> list[Any]:
+    """Prompts from ``--prompt`` values and/or a file (``None`` or ``-`` = stdin when nothing inline)."""
+    prompts: list[Any] = list(inline)
+    if source is None and inline:
+        return prompts
+    if source in (None, "-"):
+        name, lines = "<stdin>", sys.stdin.read().splitlines()
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: prompts file does not exist")
+        name, lines = str(path), path.read_text(encoding="utf-8").splitlines()
+    jsonl = name.endswith(".jsonl")
+    blank = 0
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            blank += 1
+            continue
+        if not jsonl:
+            prompts.append(line)
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataFormatError(f"{name}:{lineno}: not valid JSON ({err.msg})") from err
+        if not isinstance(row, dict) or "prompt" not in row:
+            raise DataFormatError(f"{name}:{lineno}: expected a JSON object with a 'prompt' field")
+        prompt = row["prompt"]
+        if not (isinstance(prompt, str) or (isinstance(prompt, list) and prompt)):
+            raise DataFormatError(
+                f"{name}:{lineno}: field 'prompt' must be a string or a non-empty list of chat messages, "
+                f"got {type(prompt).__name__}"
+            )
+        prompts.append(prompt)
+    if blank:
+        logger.info("%s: skipped %d blank lines", name, blank)
+    if not prompts:
+        raise DataFormatError(f"{name}: no prompts found")
+    return prompts
+
+
+def _stop_ids(tokenizer, model) -> tuple[int | None, int | None]:
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else model.config.eos_token_id
+    eot = None
+    for tok in ("<|eot_id|>", "<|im_end|>"):
+        tid = tokenizer.convert_tokens_to_ids(tok)
+        if isinstance(tid, int) and tid >= 0 and tid != tokenizer.unk_token_id and tid != eos:
+            eot = tid
+            break
+    return eos, eot
+
+
+def _device_and_dtype(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    if args.dtype == "auto":
+        return device, torch.bfloat16 if device.type == "cuda" else torch.float32
+    return device, getattr(torch, args.dtype)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    """Run ``dlm-align generate``; returns the exit status (2 for bad input or settings)."""
+    from align.evaluate import completion_lengths, left_pad, stop_token_ids
+    from align.sampling import SamplingConfigError, generate
+
+    try:
+        prompts = read_prompts(args.prompts, args.prompt)
+        if args.batch_size <= 0:
+            raise SamplingConfigError(f"--batch-size must be positive, got {args.batch_size}")
+        from align.models import load_model_and_tokenizer
+
+        device, dtype = _device_and_dtype(args)
+        model, tokenizer = load_model_and_tokenizer(args.model, dtype=dtype, device=device)
+        model.eval()
+        if not args.raw and not getattr(tokenizer, "chat_template", None):
+            raise DataFormatError(f"{args.model}: the tokenizer has no chat template; pass --raw for plain prompts")
+        from align.data.formatting import encode_prompt
+
+        encoded = [encode_prompt(tokenizer, p, use_chat_template=not args.raw) for p in prompts]
+        for i, row in enumerate(encoded):
+            if not row:
+                raise DataFormatError(f"prompt {i + 1} encodes to no tokens")
+        eos, eot = _stop_ids(tokenizer, model)
+        stops = stop_token_ids(tokenizer)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+        generator = torch.Generator().manual_seed(args.seed)
+        records: list[dict[str, Any]] = []
+        start, total_nfe = time.perf_counter(), 0
+        for s in range(0, len(encoded), args.batch_size):
+            ids, att = left_pad(encoded[s : s + args.batch_size], pad)
+            out = generate(
+                model, ids.to(device), attention_mask=att.to(device), gen_length=args.gen_length,
+                steps=args.steps or args.gen_length, block_length=args.block_length, temperature=args.temperature,
+                remasking=args.remasking, cfg_scale=args.cfg_scale, threshold=args.threshold, cache=args.cache,
+                mask_id=args.mask_id, logits_eos_inf=args.logits_eos_inf,
+                confidence_eos_eot_inf=args.confidence_eos_eot_inf, eos_token_id=eos, eot_token_id=eot,
+                eos_policy=args.eos_policy, num_samples=args.num_samples, generator=generator, backend=args.backend,
+            )
+            total_nfe += out.nfe
+            comp = out.completion_ids.cpu()
+            lengths = completion_lengths(comp, stops)
+            for r in range(comp.shape[0]):
+                index = s + r // args.num_samples
+                records.append({
+                    "prompt_index": index,
+                    "sample": r % args.num_samples,
+                    "prompt": prompts[index],
+                    "completion": tokenizer.decode(comp[r, : lengths[r]].tolist(), skip_special_tokens=True),
+                    "completion_length": int(lengths[r]),
+                    "completion_ids": comp[r].tolist(),
+                    "commit_step": out.commit_step[r].cpu().tolist(),
+                    "nfe": out.nfe,
+                })
+    except (ValueError, FileNotFoundError) as err:  # bad prompts, settings or checkpoint (incl. SamplingConfigError)
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    elapsed = time.perf_counter() - start
+    _print(records, len(prompts), args.num_samples)
+    if args.output:
+        out_path = Path(args.output)
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        with out_path.open("w", encoding="utf-8") as f:
+            for rec in records:
+                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        logger.info("wrote %d completions to %s", len(records), out_path)
+    logger.info("%d completions, %d network evaluations, %.2fs", len(records), total_nfe, elapsed)
+    return 0
+
+
+def _print(records: list[dict[str, Any]], num_prompts: int, num_samples: int) -> None:
+    if num_prompts == 1 and num_samples == 1:
+        print(records[0]["completion"])
+        return
+    for rec in records:
+        tag = f"prompt {rec['prompt_index'] + 1}/{num_prompts}"
+        if num_samples > 1:
+            tag += f", sample {rec['sample'] + 1}/{num_samples}"
+        print(f"--- {tag} ---")
+        print(rec["completion"])
