@@ -436,22 +436,13 @@ def validate(cfg: RecipeConfig) -> RecipeConfig:
     if e.enabled:
         if e.num_problems < 1 or e.batch_size < 1:
             raise ConfigError("'eval.num_problems' and 'eval.batch_size' must be >= 1")
-        if e.gen_length < 1 or e.block_length < 1 or e.gen_length % e.block_length:
-            raise ConfigError(f"'eval.gen_length' ({e.gen_length}) must be a positive multiple of "
-                              f"'eval.block_length' ({e.block_length})")
-        n_blocks = e.gen_length // e.block_length
-        if e.steps < n_blocks or e.steps % n_blocks:
-            raise ConfigError(f"'eval.steps' ({e.steps}) must be a positive multiple of the number of blocks "
-                              f"({n_blocks} = gen_length / block_length)")
-        if e.remasking not in ("low_confidence", "random", "margin", "entropy"):
-            raise ConfigError(
-                f"'eval.remasking' must be low_confidence, random, margin or entropy, got {e.remasking!r}")
-        if e.cache not in (None, "prefix", "dual"):
-            raise ConfigError(f"'eval.cache' must be null, prefix or dual, got {e.cache!r}")
-        if e.threshold is not None and not 0.0 < e.threshold <= 1.0:
-            raise ConfigError(f"'eval.threshold' must be in (0, 1], got {e.threshold}")
-        if e.temperature < 0:
-            raise ConfigError(f"'eval.temperature' must be >= 0, got {e.temperature}")
+        from align.trainers.grpo_config import check_sampler_settings
+
+        errs = check_sampler_settings("eval", gen_length=e.gen_length, steps=e.steps, block_length=e.block_length,
+                                      temperature=e.temperature, remasking=e.remasking, threshold=e.threshold,
+                                      cache=e.cache)
+        if errs:
+            raise ConfigError(errs[0])
         import inspect
 
         from align.rewards import detect_loops

@@ -77,6 +77,30 @@ class GRPOOptions:
         return "sequence" if self.estimator == "elbo" else "token"
 
 
+def check_sampler_settings(where: str, *, gen_length: int, steps: int, block_length: int, temperature: float,
+                           remasking: str, threshold: float | None, cache: str | None,
+                           gen_length_key: str = "gen_length") -> list[str]:
+    """Problems with rollout-sampler settings (shared by ``eval`` and ``grpo``), each naming its key."""
+    errs: list[str] = []
+    if gen_length < 1 or block_length < 1 or gen_length % block_length:
+        errs.append(f"'{where}.{gen_length_key}' ({gen_length}) must be a positive multiple of "
+                    f"'{where}.block_length' ({block_length})")
+    else:
+        n_blocks = gen_length // block_length
+        if steps < n_blocks or steps % n_blocks:
+            errs.append(f"'{where}.steps' ({steps}) must be a positive multiple of the number of blocks "
+                        f"({n_blocks} = {gen_length_key} / block_length)")
+    if temperature < 0:
+        errs.append(f"'{where}.temperature' must be >= 0, got {temperature}")
+    if remasking not in ("low_confidence", "random", "margin", "entropy"):
+        errs.append(f"'{where}.remasking' must be low_confidence, random, margin or entropy, got {remasking!r}")
+    if cache not in (None, "prefix", "dual"):
+        errs.append(f"'{where}.cache' must be null, prefix or dual, got {cache!r}")
+    if threshold is not None and not 0 < threshold <= 1:
+        errs.append(f"'{where}.threshold' must be in (0, 1], got {threshold}")
+    return errs
+
+
 def check_grpo_options(o: GRPOOptions, ta_kwargs: dict[str, Any], where: str = "grpo") -> list[str]:
     """Problems with a GRPO section, each naming its key (empty when valid)."""
     errs: list[str] = []
@@ -89,21 +113,9 @@ def check_grpo_options(o: GRPOOptions, ta_kwargs: dict[str, Any], where: str = "
     bs = ta_kwargs.get("per_device_train_batch_size", 8)
     if isinstance(bs, int) and o.num_generations >= 1 and bs % o.num_generations:
         bad("per_device_train_batch_size", f"({bs}) must be a multiple of num_generations ({o.num_generations})")
-    if o.max_completion_length < 1 or o.block_length < 1 or o.max_completion_length % o.block_length:
-        bad("max_completion_length", f"({o.max_completion_length}) must be a positive multiple of block_length "
-            f"({o.block_length})")
-    else:
-        n_blocks = o.max_completion_length // o.block_length
-        if o.steps < n_blocks or o.steps % n_blocks:
-            bad("steps", f"({o.steps}) must be a positive multiple of the number of blocks ({n_blocks})")
-    if o.temperature < 0:
-        bad("temperature", f"must be >= 0, got {o.temperature}")
-    if o.remasking not in ("low_confidence", "random", "margin", "entropy"):
-        bad("remasking", f"must be low_confidence, random, margin or entropy, got {o.remasking!r}")
-    if o.cache not in (None, "prefix", "dual"):
-        bad("cache", f"must be null, prefix or dual, got {o.cache!r}")
-    if o.threshold is not None and not 0 < o.threshold <= 1:
-        bad("threshold", f"must be in (0, 1], got {o.threshold}")
+    errs += check_sampler_settings(where, gen_length=o.max_completion_length, steps=o.steps,
+                                   block_length=o.block_length, temperature=o.temperature, remasking=o.remasking,
+                                   threshold=o.threshold, cache=o.cache, gen_length_key="max_completion_length")
     if o.estimator not in ESTIMATOR_CHOICES:
         bad("estimator", f"must be one of {', '.join(ESTIMATOR_CHOICES)}, got {o.estimator!r}")
     if o.importance_sampling_level not in (None, *IS_LEVELS):
