@@ -176,7 +176,9 @@ def run_suite(name: str, build, args, device) -> dict:
                   temperature=args.temperature)
     best: dict[str, dict] = {}
     for rep in range(args.repeats):
-        for mode, extra in MODES.items():
+        modes = {**MODES, **{f"threshold {t:g} + prefix": {"threshold": t, "cache": "prefix"}
+                             for t in args.extra_thresholds}}
+        for mode, extra in modes.items():
             gen = torch.Generator().manual_seed(args.seed + rep)
             if extra is None:
                 def fn(gen=gen):
@@ -256,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gen-length", type=int, default=64)
     p.add_argument("--block-length", type=int, default=32)
     p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--extra-thresholds", type=float, nargs="*", default=[],
+                   help="also run 'threshold τ + prefix' for each τ given (e.g. 0.99 0.999)")
     p.add_argument("--repeats", type=int, default=2, help="runs per configuration (best time is reported)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(RESULTS))
