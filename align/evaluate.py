@@ -16,7 +16,6 @@ from tqdm.auto import tqdm
 
 from align.config import EvalConfig
 from align.data.formatting import encode_prompt
-from align.data.task import extract_answer
 
 logger = logging.getLogger(__name__)
 
@@ -62,10 +61,9 @@ def stop_token_ids(tokenizer: Any) -> list[int]:
 
 def completion_lengths(completion_ids: torch.Tensor, stop_ids: list[int]) -> torch.Tensor:
     """Tokens before the first stop token of each row ([B] long; full length when none)."""
-    is_stop = torch.isin(completion_ids, torch.tensor(stop_ids, device=completion_ids.device))
-    L = completion_ids.shape[1]
-    first = torch.where(is_stop.any(1), is_stop.float().argmax(1), torch.full_like(is_stop[:, 0], L, dtype=torch.long))
-    return first.long()
+    from align.sampling_select import completion_lengths as _lengths
+
+    return _lengths(completion_ids, torch.tensor(stop_ids, device=completion_ids.device))[0]
 
 
 def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,15 +76,6 @@ def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
             ids[i, P - len(r):] = torch.as_tensor(r)
             att[i, P - len(r):] = 1
     return ids, att
-
-
-def _same_answer(pred: str | None, answer: str) -> bool:
-    if pred is None:
-        return False
-    try:
-        return float(pred) == float(answer.replace(",", "").strip())
-    except ValueError:
-        return pred.strip() == answer.strip()
 
 
 @torch.no_grad()
@@ -103,6 +92,7 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, prompts: list[Any], answers
         seed: seed of the sampler's generator (only used at temperature > 0 or random remasking).
     """
     from align.rewards import detect_loops
+    from align.rewards.answers import answers_match, extract_answer, gold_answer
     from align.sampling import generate
 
     if len(prompts) != len(answers):
@@ -130,7 +120,8 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, prompts: list[Any], answers
             text = tokenizer.decode(comp[i, : lengths[i]].tolist(), skip_special_tokens=True)
             pred = extract_answer(text)
             ans = answers[s + i]
-            correct = _same_answer(pred, str(ans))
+            # The same extraction and matching as the accuracy rewards, so eval and RL agree.
+            correct = answers_match(pred, gold_answer(ans))
             samples.append({"prompt": p if isinstance(p, str) else p[-1]["content"], "completion": text,
                             "answer": str(ans), "predicted": pred, "correct": correct, "length": int(lengths[i]),
                             "loop_fraction": float(loops[i].fraction)})

@@ -158,9 +158,9 @@ def arithmetic_dataset(num_train: int = 20000, num_test: int = 500, *, seed: int
 
 
 def extract_answer(text: str) -> str | None:
-    """The integer after the first ``The answer is`` in ``text``, or ``None``."""
-    m = ANSWER_RE.search(text)
-    return m.group(1) if m else None
+    """The integer after the last ``The answer is`` in ``text`` (as the accuracy rewards read it), or ``None``."""
+    found = ANSWER_RE.findall(text)
+    return found[-1] if found else None
 
 
 def is_correct(completion: str, answer: str | int) -> bool:

@@ -206,8 +206,7 @@ class DiffusionGRPOTrainer(Trainer):
         o = self.options
         scorer = _ForwardShim(model, _base(self._policy())) if _base(self._policy()) is not model else model
         cur = evaluate(scorer, ro.plans[k])
-        old = ro.old[k] if ro.old[k] is not None else None
-        ref = ro.ref[k]
+        old, ref = ro.old[k], ro.ref[k]
         eps_hi = o.epsilon if o.epsilon_high is None else o.epsilon_high
         P, A = ro.prompt_len, ro.advantages
         m = self._metrics
