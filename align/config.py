@@ -155,6 +155,8 @@ class EvalConfig:
             settings (see ``dlm-align generate --help``).
         loop_detection: keyword arguments of :func:`align.rewards.detect_loops` used for ``loop_rate``
             (e.g. ``min_span`` for short completions).
+        loop_guard: decode-time loop guard (:class:`align.loop_guard.LoopGuardConfig`: ``enabled``,
+            ``penalty``, ``max_remasks``, ``detection``); off by default.
     """
 
     enabled: bool = True
@@ -170,6 +172,7 @@ class EvalConfig:
     cache: str | None = None
     cfg_scale: float = 0.0
     loop_detection: dict[str, Any] = field(default_factory=dict)
+    loop_guard: dict[str, Any] = field(default_factory=dict)
 
 
 STAGES = ("pretrain", "sft", "grpo")
@@ -330,6 +333,17 @@ def _zero_stage(ds: Any) -> int | None:
     return None
 
 
+def _check_loop_guard(section: Any, where: str) -> None:
+    from align.loop_guard import LoopGuardConfig, LoopGuardConfigError
+
+    if not isinstance(section, dict):
+        raise ConfigError(f"'{where}' must be a mapping (enabled, penalty, max_remasks, detection)")
+    try:
+        LoopGuardConfig.from_dict(section, where)
+    except (LoopGuardConfigError, TypeError) as exc:
+        raise ConfigError(str(exc)) from exc
+
+
 def _validate_grpo(cfg: RecipeConfig, opts: Any, ta_kwargs: dict[str, Any]) -> None:
     from align.trainers.grpo_config import check_grpo_options
 
@@ -341,6 +355,7 @@ def _validate_grpo(cfg: RecipeConfig, opts: Any, ta_kwargs: dict[str, Any]) -> N
     from align.likelihood import check_estimator_args
     from align.rewards import RewardRunner
 
+    _check_loop_guard(opts.loop_guard, "grpo.loop_guard")
     try:
         check_estimator_args(opts.estimator, opts.estimator_args)
     except ValueError as exc:
@@ -451,6 +466,7 @@ def validate(cfg: RecipeConfig) -> RecipeConfig:
         for k in e.loop_detection:
             if k not in loop_params:
                 raise _unknown(k, sorted(loop_params), "eval.loop_detection")
+        _check_loop_guard(e.loop_guard, "eval.loop_guard")
         if d.task is None and d.eval_files is None:
             raise ConfigError("evaluation needs held-out rows: set 'data.eval_files' or use 'data.task', "
                               "or set 'eval.enabled: false'")

@@ -73,6 +73,12 @@ def add_generate_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
     s.add_argument("--logits-eos-inf", action="store_true", help="never generate EOS")
     s.add_argument("--confidence-eos-eot-inf", action="store_true",
                    help="zero confidence for EOS (at temperature 0 only) and end-of-turn, as in LLaDA")
+    s.add_argument("--loop-guard", action="store_true",
+                   help="decode-time loop guard: remask tokens that close a repetition loop and down-weight them")
+    s.add_argument("--loop-guard-penalty", type=float, default=5.0,
+                   help="logit penalty of a rejected loop token at its position (default 5.0; 0 = only remask)")
+    s.add_argument("--loop-guard-max-remasks", type=int, default=2,
+                   help="times one position may be remasked by the loop guard (default 2)")
     s.add_argument("--num-samples", type=int, default=1, help="completions per prompt (default 1)")
     s.add_argument("--seed", type=int, default=0, help="seed of the sampler's generator (default 0)")
     s.add_argument("--mask-id", type=int, default=None, help="mask token id (default: from the model config)")
@@ -149,6 +155,7 @@ def _device_and_dtype(args: argparse.Namespace) -> tuple[torch.device, torch.dty
 def run_generate(args: argparse.Namespace) -> int:
     """Run ``dlm-align generate``; returns the exit status (2 for bad input or settings)."""
     from align.evaluate import completion_lengths, left_pad, stop_token_ids
+    from align.loop_guard import LoopGuardConfig
     from align.sampling import SamplingConfigError, generate
 
     try:
@@ -172,6 +179,9 @@ def run_generate(args: argparse.Namespace) -> int:
         stops = stop_token_ids(tokenizer)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
         generator = torch.Generator().manual_seed(args.seed)
+        guard_cfg = LoopGuardConfig.from_dict({"enabled": bool(args.loop_guard), "penalty": args.loop_guard_penalty,
+                                               "max_remasks": args.loop_guard_max_remasks}, "--loop-guard")
+        guard_rows = 0
         records: list[dict[str, Any]] = []
         start, total_nfe = time.perf_counter(), 0
         for s in range(0, len(encoded), args.batch_size):
@@ -183,8 +193,10 @@ def run_generate(args: argparse.Namespace) -> int:
                 mask_id=args.mask_id, logits_eos_inf=args.logits_eos_inf,
                 confidence_eos_eot_inf=args.confidence_eos_eot_inf, eos_token_id=eos, eot_token_id=eot,
                 eos_policy=args.eos_policy, num_samples=args.num_samples, generator=generator, backend=args.backend,
+                on_commit=(guard := guard_cfg.build(stops)),
             )
             total_nfe += out.nfe
+            guard_rows += guard.stats["rows"] if guard is not None else 0
             comp = out.completion_ids.cpu()
             lengths = completion_lengths(comp, stops)
             for r in range(comp.shape[0]):
@@ -212,6 +224,8 @@ def run_generate(args: argparse.Namespace) -> int:
                 f.write(json.dumps(rec, ensure_ascii=False) + "\n")
         logger.info("wrote %d completions to %s", len(records), out_path)
     logger.info("%d completions, %d network evaluations, %.2fs", len(records), total_nfe, elapsed)
+    if args.loop_guard:
+        logger.info("loop guard fired in %d of %d completions", guard_rows, len(records))
     return 0
 
 

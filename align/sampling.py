@@ -27,7 +27,7 @@ from align.sampling_select import (
     transfer_counts,
 )
 
-__all__ = ["GenerationOutput", "SamplerState", "SamplingConfigError", "generate"]
+__all__ = ["GenerationOutput", "Remask", "SamplerState", "SamplingConfigError", "generate"]
 
 REMASKING = tuple(CONFIDENCE_OF_REMASKING)
 CACHE_MODES = (None, "prefix", "dual")
@@ -89,7 +89,22 @@ class SamplerState:
     mask_id: int
 
 
-OnCommit = Callable[[SamplerState], "torch.Tensor | None"]
+@dataclass
+class Remask:
+    """What an ``on_commit`` hook may return instead of a bare bool tensor.
+
+    Attributes:
+        positions: ``[R, L]`` bool, positions of the current block to remask.
+        penalty: ``λ ≥ 0``; until a remasked position is committed again, the logit of the token it held is
+            lowered by ``λ`` there (``logit_v − λ·[v = old token]``), so the sampler is steered away from the
+            candidate that was rejected. ``0`` only remasks.
+    """
+
+    positions: torch.Tensor
+    penalty: float = 0.0
+
+
+OnCommit = Callable[[SamplerState], "torch.Tensor | Remask | None"]
 
 
 def _validate(model, prompt_ids, attention_mask, gen_length, steps, block_length, temperature, remasking,
@@ -209,10 +224,11 @@ def generate(
             ``b·G + g`` is sample ``g`` of prompt ``b`` (passing repeated prompts is equivalent).
         generator: the source of all randomness (Gumbel noise, random remasking); default: a fresh
             generator with a non-deterministic seed. Pass one for reproducible rollouts.
-        on_commit: optional hook ``on_commit(state: SamplerState) -> Tensor | None`` called after
-            every step (e.g. a decode-time loop guard). It may return a ``[R, L]`` bool tensor of
-            positions to remask; they must lie in the current block; requests are honoured during
-            the first ``steps_per_block − 1`` steps of a block (so every block still ends) and
+        on_commit: optional hook ``on_commit(state: SamplerState) -> Tensor | Remask | None`` called
+            after every step (e.g. :class:`align.loop_guard.LoopGuard`). It may return a ``[R, L]`` bool
+            tensor of positions to remask, or a :class:`Remask` that also down-weights the token each
+            remasked position held; positions must lie in the current block; requests are honoured
+            during the first ``steps_per_block − 1`` steps of a block (so every block still ends) and
             ignored for rows already finished.
         backend: sampling-step backend: ``"auto"`` (Triton on CUDA, torch otherwise), ``"torch"``,
             ``"triton"``.
@@ -253,6 +269,7 @@ def generate(
     forward = BlockForward(model, cache, attention_mask, P, mask_id, cfg=cfg_scale > 0, shift=shift)
     all_rows = torch.arange(R, device=device)
     steps_per_block = steps // (L // Lb)
+    avoid: tuple[torch.Tensor, torch.Tensor] | None = None  # (token to down-weight [R, L] (-1 none), λ [R, L])
     step = 0
     for block in range(L // Lb):
         bs, be = P + block * Lb, P + (block + 1) * Lb  # absolute positions of the block
@@ -270,8 +287,12 @@ def generate(
             # logits only at the positions that can be committed: the block's masked positions
             r_idx, i_idx = masked.nonzero(as_tuple=True)
             h_uncond = h[r_idx + rows.numel(), i_idx] if cfg_scale > 0 else None
+            head = model.head
+            if avoid is not None:
+                pos = i_idx + (bs - P)
+                head = _penalised_head(model.head, avoid[0][rows[r_idx], pos], avoid[1][rows[r_idx], pos])
             x0, c = score_positions(
-                model.head, h[r_idx, i_idx], h_uncond, cfg_scale=cfg_scale, temperature=temperature,
+                head, h[r_idx, i_idx], h_uncond, cfg_scale=cfg_scale, temperature=temperature,
                 remasking=remasking, generator=generator, backend=backend, logits_eos_inf=logits_eos_inf,
                 confidence_eos_eot_inf=confidence_eos_eot_inf, eos_token_id=eos_id, eot_token_id=eot_id,
                 mask_id=mask_id,
@@ -295,7 +316,7 @@ def generate(
                 state = SamplerState(x, commit_step, committed, step, block, bs - P, be - P, P, mask_id)
                 remask = on_commit(state)
                 if remask is not None and j < steps_per_block - 1:
-                    _apply_remask(remask, x, commit_step, finished, P, bs, be, mask_id)
+                    avoid = _apply_remask(remask, x, commit_step, finished, P, bs, be, mask_id, avoid)
             if eos_policy == "stop":
                 finished |= finish_rows(x[:, P:], commit_step, finished, stop_ids=stop_ids, fill_id=eos_id,
                                         mask_id=mask_id, step=step)
@@ -316,15 +337,57 @@ def generate(
     )
 
 
-def _apply_remask(remask, x, commit_step, finished, P: int, bs: int, be: int, mask_id: int) -> None:
-    """Remask the positions an ``on_commit`` hook asked for (current block only; finished rows skipped)."""
+def _penalised_head(head: Callable[[torch.Tensor], torch.Tensor], token: torch.Tensor, penalty: torch.Tensor
+                    ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``head`` with ``λ_n`` subtracted from the logit of ``token_n`` at each scored position ``n`` (none where -1).
+
+    Under classifier-free guidance the head sees the conditional rows then the unconditional ones; both get
+    the same penalty.
+    """
+    hit = token >= 0
+    if not bool(hit.any()):
+        return head
+    n_idx = hit.nonzero().squeeze(1)
+    tok, lam = token[n_idx], penalty[n_idx]
+
+    def wrapped(h: torch.Tensor) -> torch.Tensor:
+        logits = head(h).float()
+        N = token.numel()
+        for off in range(0, logits.shape[0], N):
+            logits[n_idx + off, tok] -= lam.to(logits.dtype)
+        return logits
+
+    return wrapped
+
+
+def _apply_remask(remask, x, commit_step, finished, P: int, bs: int, be: int, mask_id: int,
+                  avoid: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Remask the positions an ``on_commit`` hook asked for (current block only; finished rows skipped).
+
+    Returns the down-weighting state: for a :class:`Remask` with ``penalty > 0`` the token each remasked position
+    held is recorded with its ``λ``.
+    """
     R, L = commit_step.shape
+    penalty = 0.0
+    if isinstance(remask, Remask):
+        penalty = float(remask.penalty)
+        if not penalty >= 0:
+            raise SamplingConfigError(f"Remask.penalty must be >= 0, got {remask.penalty!r}")
+        remask = remask.positions
     if not isinstance(remask, torch.Tensor) or remask.dtype != torch.bool or tuple(remask.shape) != (R, L):
-        raise SamplingConfigError(f"on_commit must return None or a bool tensor of shape {(R, L)}")
+        raise SamplingConfigError(f"on_commit must return None, a Remask or a bool tensor of shape {(R, L)}")
     outside = remask.clone()
     outside[:, bs - P : be - P] = False
     if outside.any():
         raise SamplingConfigError("on_commit asked to remask positions outside the current block")
     remask = remask.to(x.device) & ~finished[:, None]
-    x[:, P:][remask] = mask_id
+    gen = x[:, P:]
+    if penalty > 0 and bool(remask.any()):
+        if avoid is None:
+            avoid = (torch.full((R, L), -1, dtype=torch.long, device=x.device),
+                     torch.zeros(R, L, dtype=torch.float32, device=x.device))
+        avoid[0][remask] = gen[remask]
+        avoid[1][remask] = penalty
+    gen[remask] = mask_id
     commit_step[remask] = -1
+    return avoid

@@ -96,6 +96,17 @@ def test_jsonl_prompts_raw_and_samples(checkpoint, tmp_path, capsys) -> None:
     assert run_generate(args) == 0 and read_jsonl(out) == rows  # --seed makes it reproducible
 
 
+def test_loop_guard_flags(checkpoint, tmp_path, caplog) -> None:
+    out = tmp_path / "g.jsonl"
+    args = parse("--model", str(checkpoint), "--prompt", "What is two plus three ?", "--output", str(out),
+                 "--loop-guard", "--loop-guard-penalty", "3", "--num-samples", "2", *SMALL)
+    with caplog.at_level("INFO"):
+        assert run_generate(args) == 0
+    assert len(read_jsonl(out)) == 2 and "loop guard fired in" in caplog.text
+    bad = parse("--model", str(checkpoint), "--prompt", "x", "--loop-guard", "--loop-guard-max-remasks", "0", *SMALL)
+    assert run_generate(bad) == 2
+
+
 def test_stdin_and_inline_prompts(checkpoint, monkeypatch, capsys) -> None:
     monkeypatch.setattr("sys.stdin", io.StringIO("What is two plus three ?\n"))
     assert run_generate(parse("--model", str(checkpoint), *SMALL)) == 0

@@ -32,6 +32,7 @@ from transformers import Trainer
 
 from align.evaluate import completion_lengths
 from align.likelihood import LikelihoodEstimate, draw_masks, evaluate
+from align.loop_guard import LoopGuardConfig
 from align.rng import make_generator
 from align.trainers.grpo_config import GRPOOptions
 from align.trainers.grpo_math import aggregate, clipped_surrogate, group_advantages, k3_kl
@@ -99,6 +100,7 @@ class DiffusionGRPOTrainer(Trainer):
         self._metrics: dict[str, list[float]] = defaultdict(list)
         self._samples: list[dict[str, Any]] = []
         self._time = {"rollout": 0.0, "total": 0.0, "tokens": 0.0}
+        self._guard_cfg = LoopGuardConfig.from_dict(options.loop_guard, "grpo.loop_guard")
         self.ref_model = None
         if options.beta > 0 and not hasattr(self.model, "disable_adapter"):
             self.ref_model = copy.deepcopy(_base(self.model)).eval().requires_grad_(False)
@@ -138,9 +140,13 @@ class DiffusionGRPOTrainer(Trainer):
         ids = inputs["prompt_ids"].repeat_interleave(G, 0)
         att = inputs["prompt_mask"].repeat_interleave(G, 0)
         gen = make_generator(self.rl_seed, cycle, micro, rank, 0)
+        guard = self._guard_cfg.build(self.stop_ids)
         out = generate(_base(policy), ids, attention_mask=att, gen_length=o.max_completion_length, steps=o.steps,
                        block_length=o.block_length, temperature=o.temperature, remasking=o.remasking,
-                       threshold=o.threshold, cache=o.cache, cfg_scale=o.cfg_scale, generator=gen)
+                       threshold=o.threshold, cache=o.cache, cfg_scale=o.cfg_scale, generator=gen,
+                       on_commit=guard)
+        if guard is not None:
+            self._metrics["rollout/loop_guard_rows"].append(guard.stats["rows"] / len(ids))
         P, L = ids.shape[1], o.max_completion_length
         comp = out.sequences[:, P:]
         lengths = completion_lengths(comp, self.stop_ids)              # tokens before the first stop

@@ -24,6 +24,7 @@ class GRPOOptions:
         max_completion_length: generated tokens per completion (the sampler's ``gen_length``).
         steps, block_length, temperature, remasking, threshold, cache, cfg_scale: rollout sampler settings
             (:func:`align.sampling.generate`).
+        loop_guard: decode-time loop guard of the rollouts (:class:`align.loop_guard.LoopGuardConfig`).
         estimator: ``one_step`` (diffu-GRPO), ``coupled`` (coupled-GRPO) or ``elbo`` (ELBO-GRPO).
         estimator_args: keyword arguments of the estimator's mask draw (``p_mask_prompt``; ``t_min``/``t_max``;
             ``num_samples``, ``sampler``, ``n_nodes``).
@@ -54,6 +55,7 @@ class GRPOOptions:
     threshold: float | None = None
     cache: str | None = None
     cfg_scale: float = 0.0
+    loop_guard: dict[str, Any] = field(default_factory=dict)
     estimator: str = "one_step"
     estimator_args: dict[str, Any] = field(default_factory=dict)
     importance_sampling_level: str | None = None
