@@ -2,7 +2,7 @@
 
 Reports accuracy, mean completion length (tokens up to the end of the answer, i.e. before the first
 EOS / end-of-turn), the loop rate (share of completions in which :func:`align.rewards.detect_loops` finds a
-repetition loop) and keeps each completion for the run report.
+repetition loop among the tokens before the first stop) and keeps each completion for the run report.
 """
 
 from __future__ import annotations
@@ -91,6 +91,7 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, prompts: list[Any], answers
         cfg: sampler settings and batch size.
         seed: seed of the sampler's generator (only used at temperature > 0 or random remasking).
     """
+    from align.loop_guard import LoopGuardConfig
     from align.rewards import detect_loops
     from align.rewards.answers import answers_match, extract_answer, gold_answer
     from align.sampling import generate
@@ -101,6 +102,7 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, prompts: list[Any], answers
     model.eval()
     device = next(model.parameters()).device
     stops = stop_token_ids(tokenizer)
+    guard_cfg = LoopGuardConfig.from_dict(cfg.loop_guard, "eval.loop_guard")
     gen = torch.Generator(device="cpu").manual_seed(seed)
     samples: list[dict[str, Any]] = []
     nfe = 0
@@ -111,11 +113,12 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, prompts: list[Any], answers
         out = generate(model, ids.to(device), attention_mask=att.to(device), gen_length=cfg.gen_length,
                        steps=cfg.steps, block_length=cfg.block_length, temperature=cfg.temperature,
                        remasking=cfg.remasking, cfg_scale=cfg.cfg_scale, threshold=cfg.threshold, cache=cfg.cache,
-                       generator=gen)
+                       generator=gen, on_commit=guard_cfg.build(stops))
         nfe += int(out.nfe)
         comp = out.sequences[:, ids.shape[1]:].cpu()
         lengths = completion_lengths(comp, stops)
-        loops = detect_loops(comp, pad_ids=stops, **cfg.loop_detection)
+        # loops in the completion a reader gets: the tokens before the first stop (what follows is never shown)
+        loops = detect_loops([comp[i, : lengths[i]] for i in range(len(comp))], pad_ids=stops, **cfg.loop_detection)
         for i, p in enumerate(chunk):
             text = tokenizer.decode(comp[i, : lengths[i]].tolist(), skip_special_tokens=True)
             pred = extract_answer(text)
