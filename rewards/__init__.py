@@ -27,6 +27,7 @@ from .registry import (
 )
 from .reward_model import SequenceClassificationReward
 from .runner import RewardAbortError, RewardFunctionError, RewardOutput, RewardRunner, RewardStats
+from .steps import StepAccuracy, equations
 
 __all__ = [
     "AnswerAccuracy",
@@ -47,6 +48,7 @@ __all__ = [
     "RewardStats",
     "SequenceClassificationReward",
     "SoftOverlongPunishment",
+    "StepAccuracy",
     "UnknownRewardError",
     "answer_phrase_format",
     "answer_tag_format",
@@ -55,6 +57,7 @@ __all__ = [
     "boxed_format",
     "build_rewards",
     "detect_loops",
+    "equations",
     "extract_answer",
     "loop_coverage",
     "loop_penalty",

@@ -29,6 +29,7 @@ from .accuracy import AnswerAccuracy, task_accuracy
 from .formats import RegexFormat, answer_phrase_format, answer_tag_format, boxed_format, think_answer_format
 from .length import SoftOverlongPunishment
 from .loop_reward import LoopPenalty
+from .steps import StepAccuracy
 
 __all__ = [
     "BoundReward",
@@ -234,6 +235,7 @@ def _register_builtins() -> None:
         AnswerAccuracy, answer_columns=("answer",), order=task_accuracy.order, name="task_accuracy"
     )
     register_reward("task_accuracy", task, factory=True)
+    register_reward("step_accuracy", StepAccuracy, factory=True)
     register_reward("think_answer_format", think_answer_format)
     register_reward("answer_tag_format", answer_tag_format)
     register_reward("boxed_format", boxed_format)

@@ -13,11 +13,13 @@ from align.rewards import (
     MissingColumnError,
     RegexFormat,
     SoftOverlongPunishment,
+    StepAccuracy,
     answer_phrase_format,
     answer_tag_format,
     answers_match,
     available_rewards,
     boxed_format,
+    equations,
     extract_answer,
     loop_penalty,
     math_accuracy,
@@ -45,6 +47,7 @@ BUILTINS = {
     "regex_format": RegexFormat(r"\d+", mode="search"),
     "soft_overlong_punishment": SoftOverlongPunishment(16, 4),
     "loop_penalty": loop_penalty,
+    "step_accuracy": StepAccuracy("answer"),
 }
 
 
@@ -302,3 +305,28 @@ def test_resolve_builds_the_same_rewards() -> None:
     assert resolve_reward("loop_penalty", p_max=8).p_max == 8
     assert isinstance(resolve_reward("loop_penalty"), LoopPenalty)
     assert resolve_reward("task_accuracy")(None, ["The answer is 2."], answer=["2"]) == [1.0]
+
+
+# ---------------------------------------------------------------- process reward
+
+
+def test_equations_are_read_in_order_and_normalised() -> None:
+    assert equations("7 + 5 = 12. 12 - 3 = 9. 3 x 4 = 12 and <<1,200/2=600>>") == [
+        (7, "+", 5, 12), (12, "-", 3, 9), (3, "*", 4, 12), (1200, "/", 2, 600)]
+    assert equations("no maths here") == []
+
+
+def test_step_accuracy_gives_partial_credit_in_place() -> None:
+    ref = "7 + 5 = 12. 12 - 3 = 9. The answer is 9."
+    fn = StepAccuracy()
+    got = fn(["p"] * 5, [ref, "7 + 5 = 12. 12 - 4 = 8. The answer is 8.", "7 + 5 = 13.",
+                         "7 + 5 = 12. 12 - 3 = 9. 9 * 2 = 18.", ""], completion=[ref] * 5)
+    assert got == [1.0, 0.5, 0.0, pytest.approx(2 / 3), 0.0]
+    # a reference without equations gives no reward; a missing column names itself
+    assert fn(["p"], ["1 + 1 = 2."], completion=["The answer is 2."]) == [None]
+    with pytest.raises(MissingColumnError, match="completion"):
+        fn(["p"], ["x"], answer=["1"])
+    with pytest.raises(ValueError, match="2 values for 1"):
+        fn(["p"], ["x"], completion=["1 + 1 = 2.", "2 + 2 = 4."])
+    assert resolve_reward("step_accuracy", reference_column="solution")(
+        ["p"], [chat("2 + 2 = 4.")], solution=["2 + 2 = 4."]) == [1.0]
