@@ -154,8 +154,18 @@ def train_stage(cfg: RecipeConfig, stage: str, model: torch.nn.Module, tokenizer
     return _save_final(cfg, trainer, tokenizer, stage_dir)
 
 
+def _finish_loggers(cfg: RecipeConfig) -> None:
+    """Close the stage's wandb run, so its files are complete and the next stage starts a run of its own."""
+    if "wandb" in cfg.report_to or "all" in cfg.report_to:
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()
+
+
 def _save_final(cfg: RecipeConfig, trainer: Any, tokenizer: Any, stage_dir: Path) -> torch.nn.Module:
     """Write ``<stage>/final`` (and ``<stage>/adapter`` under LoRA); return the model to continue with."""
+    _finish_loggers(cfg)
     final, tmp = stage_dir / "final", stage_dir / "final.tmp"
     if cfg.peft is not None:
         # Ship the adapter alone, then merge it so that evaluation and later stages use plain weights.
