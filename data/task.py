@@ -45,6 +45,10 @@ class ArithmeticTaskSpec:
         max_operand: largest number added or removed.
         max_value: no intermediate value exceeds this.
         allow_multiply: include "doubles"/"triples" steps.
+        loop_fraction: share of *training* solutions replaced by a degenerate one that falls into a repetition
+            loop (a step repeated ``loop_repeats`` times, no final answer), the way diffusion models loop; a
+            testbed for loop penalties and the decode-time loop guard. The held-out split is never changed.
+        loop_repeats: copies of the repeated step in such a solution.
     """
 
     min_ops: int = 1
@@ -53,6 +57,8 @@ class ArithmeticTaskSpec:
     max_operand: int = 9
     max_value: int = 60
     allow_multiply: bool = True
+    loop_fraction: float = 0.0
+    loop_repeats: int = 6
 
     def validate(self) -> None:
         """Raise :class:`TaskConfigError` on impossible settings."""
@@ -62,6 +68,10 @@ class ArithmeticTaskSpec:
             raise TaskConfigError("max_start and max_operand must be >= 1")
         if self.max_value < self.max_start:
             raise TaskConfigError(f"max_value ({self.max_value}) must be >= max_start ({self.max_start})")
+        if not 0.0 <= self.loop_fraction < 1.0:
+            raise TaskConfigError(f"loop_fraction must be in [0, 1), got {self.loop_fraction}")
+        if self.loop_repeats < 2:
+            raise TaskConfigError(f"loop_repeats must be >= 2, got {self.loop_repeats}")
 
 
 def _make_problem(rng: random.Random, spec: ArithmeticTaskSpec) -> dict[str, str | int]:
@@ -154,7 +164,23 @@ def arithmetic_dataset(num_train: int = 20000, num_test: int = 500, *, seed: int
     """
     test = generate_problems(num_test, seed=seed + 1_000_003, spec=spec)
     train = generate_problems(num_train, seed=seed, spec=spec, exclude={str(p["prompt"]) for p in test})
+    spec = spec or ArithmeticTaskSpec()
+    if spec.loop_fraction > 0:
+        rng = random.Random(seed + 2_000_003)  # own stream: the problems are the same with and without loops
+        for p in train:
+            if rng.random() < spec.loop_fraction:
+                p["completion"] = looping_solution(str(p["completion"]), rng, spec.loop_repeats)
     return DatasetDict({"train": Dataset.from_list(train), "test": Dataset.from_list(test)})
+
+
+def looping_solution(completion: str, rng: random.Random, repeats: int) -> str:
+    """A degenerate version of a worked solution: the steps up to a random one, then that step ``repeats``
+    more times, and no final answer (``7 + 5 = 12. 12 - 3 = 9. 12 - 3 = 9. 12 - 3 = 9. ...``)."""
+    steps = [s.strip() + "." for s in completion.split(".") if "=" in s]
+    if not steps:
+        return completion
+    j = rng.randrange(len(steps))
+    return " ".join(steps[: j + 1] + [steps[j]] * repeats)
 
 
 def extract_answer(text: str) -> str | None:

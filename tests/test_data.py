@@ -47,6 +47,26 @@ def test_task_settings_errors():
                                                                   allow_multiply=False))
 
 
+def test_loop_fraction_changes_only_training_solutions():
+    from align.rewards import detect_loops
+
+    clean = arithmetic_dataset(400, 50, seed=1)
+    loopy = arithmetic_dataset(400, 50, seed=1, spec=ArithmeticTaskSpec(loop_fraction=0.25, loop_repeats=5))
+    assert loopy["test"]["completion"] == clean["test"]["completion"]  # held-out split untouched
+    assert loopy["train"]["prompt"] == clean["train"]["prompt"]
+    changed = [a for a, b in zip(loopy["train"]["completion"], clean["train"]["completion"], strict=True) if a != b]
+    assert 0.15 < len(changed) / 400 < 0.35
+    for text in changed:
+        assert "The answer is" not in text
+        steps = [t.strip() for t in text.split(".") if t.strip()]
+        assert len(steps) >= 6 and len(set(steps[-6:])) == 1  # one step repeated five more times
+    ids = [[ord(c) for c in text] for text in changed]
+    assert all(r.has_loop for r in detect_loops(ids, min_span=24))
+    for bad in ({"loop_fraction": 1.0}, {"loop_fraction": -0.1}, {"loop_repeats": 1}):
+        with pytest.raises(TaskConfigError):
+            arithmetic_dataset(5, 5, seed=0, spec=ArithmeticTaskSpec(**bad))
+
+
 def test_extract_answer():
     assert extract_answer("3 + 4 = 7. The answer is 7.") == "7"
     assert extract_answer("no answer") is None
