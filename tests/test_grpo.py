@@ -101,3 +101,15 @@ def test_bad_grpo_settings_are_named(tmp_path):
         config_from_dict(_recipe(tmp_path, {"rewards": [{"name": "no_such_reward"}]}))
     with pytest.raises(ConfigError, match=r"grpo\.estimator_args"):
         config_from_dict(_recipe(tmp_path, {"estimator": "elbo", "estimator_args": {"sampler": "bogus"}}))
+    with pytest.raises(ConfigError, match=r"'grpo\.negative_advantage_scale'"):
+        config_from_dict(_recipe(tmp_path, {"negative_advantage_scale": 1.5}))
+
+
+def test_negative_advantage_scale_zero_keeps_only_positive_advantages(tmp_path):
+    raw = _recipe(tmp_path, {"negative_advantage_scale": 0.0, "max_steps": 3, "save_steps": 3,
+                             "rewards": [{"name": "test_digit_share"}]})
+    run_recipe(config_from_dict(raw))
+    rows = [json.loads(line) for line in (tmp_path / "run" / "grpo" / "completions.jsonl").read_text().splitlines()]
+    assert rows and all(r["advantage"] >= 0 for r in rows) and any(r["advantage"] > 0 for r in rows)
+    logs = [r for r in _log(tmp_path) if "advantages/mean" in r]
+    assert logs and all(r["advantages/mean"] >= 0 for r in logs)

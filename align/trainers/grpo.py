@@ -45,7 +45,7 @@ class Rollout:
 
     input_ids: torch.Tensor          # [N, P + L] prompt (left padded) + completion
     attention_mask: torch.Tensor     # [N, P + L]
-    completion_mask: torch.Tensor    # [N, L] completion tokens in the loss (up to and including the stop)
+    completion_mask: torch.Tensor    # [N, L] completion positions in the loss
     advantages: torch.Tensor         # [N]
     plans: list[Any]                 # one MaskPlan per inner iteration
     old: list[LikelihoodEstimate | None]
@@ -151,7 +151,10 @@ class DiffusionGRPOTrainer(Trainer):
         comp = out.sequences[:, P:]
         lengths = completion_lengths(comp, self.stop_ids)              # tokens before the first stop
         has_stop = lengths < L
-        comp_mask = torch.arange(L, device=comp.device)[None] < (lengths + 1).clamp(max=L)[:, None]
+        if o.eos_fill_in_loss:  # the whole generated region, EOS fill included
+            comp_mask = torch.ones_like(comp, dtype=torch.bool)
+        else:  # up to and including the first stop
+            comp_mask = torch.arange(L, device=comp.device)[None] < (lengths + 1).clamp(max=L)[:, None]
         if o.mask_truncated_completions:
             comp_mask &= has_stop[:, None]
         tok = self.processing_class
@@ -163,6 +166,8 @@ class DiffusionGRPOTrainer(Trainer):
         scored = self.reward_runner(prompts, texts, comp_ids, **columns)
         per_fn, total = scored.per_function, scored.total
         A = group_advantages(total.float(), G, scale_rewards=o.scale_rewards, baseline=o.baseline).to(comp.device)
+        if o.negative_advantage_scale != 1.0:
+            A = torch.where(A < 0, A * o.negative_advantage_scale, A)
         input_ids = out.sequences
         attention = torch.cat([att, torch.ones_like(comp)], 1)
         response = torch.cat([torch.zeros_like(att, dtype=torch.bool), comp_mask], 1)

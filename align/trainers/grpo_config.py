@@ -38,7 +38,16 @@ class GRPOOptions:
             (sum divided by completions × max_completion_length).
         scale_rewards: divide advantages by the ``group`` std, the ``batch`` std, or ``none``.
         baseline: ``mean`` (group mean) or ``leave_one_out`` (mean of the other completions of the group).
+        negative_advantage_scale: multiplies negative advantages (``A_i ← c·A_i`` where ``A_i < 0``); ``1`` is
+            GRPO, ``0`` keeps only the push towards better-than-average completions. Lowering it guards small
+            models against likelihood displacement: a wrong completion shares most tokens with the right ones, and
+            pushing it down also pulls the right ones down.
         mask_truncated_completions: exclude completions with no stop token from the loss.
+        eos_fill_in_loss: count the EOS fill after the first stop in the likelihood (default). The sampler
+            generates every one of the ``max_completion_length`` positions, the fill included; leaving the fill
+            out (scoring up to the first stop only, as for autoregressive models) shows it unmasked to the
+            model and never trains end-of-sequence predictions at masked positions, and completions then grow
+            until they hit the budget.
         rewards: reward specs: ``{name: ..., weight: ..., <kwargs>}`` (see :mod:`align.rewards`).
         reward_failure: keyword arguments of :class:`align.rewards.RewardRunner`: ``on_error`` (skip / zero /
             abort), ``timeout_s``, ``isolation`` (none / thread / process), ``max_error_rate``, ``min_samples``,
@@ -66,7 +75,9 @@ class GRPOOptions:
     loss_type: str = "grpo"
     scale_rewards: str = "group"
     baseline: str = "mean"
+    negative_advantage_scale: float = 1.0
     mask_truncated_completions: bool = False
+    eos_fill_in_loss: bool = True
     rewards: list[dict[str, Any]] = field(default_factory=lambda: [{"name": "task_accuracy"}])
     reward_failure: dict[str, Any] = field(default_factory=dict)
     log_completions: int = 4
@@ -134,6 +145,8 @@ def check_grpo_options(o: GRPOOptions, ta_kwargs: dict[str, Any], where: str = "
         bad("scale_rewards", f"must be one of {', '.join(SCALE_REWARDS)}, got {o.scale_rewards!r}")
     if o.baseline not in BASELINES:
         bad("baseline", f"must be mean or leave_one_out, got {o.baseline!r}")
+    if not 0.0 <= o.negative_advantage_scale <= 1.0:
+        bad("negative_advantage_scale", f"must be in [0, 1], got {o.negative_advantage_scale}")
     if not o.rewards:
         bad("rewards", "must name at least one reward function")
     if o.log_completions < 0:
