@@ -18,13 +18,7 @@ NEG_INF = float("-inf")
 ALPHA = 1e-3  # significance level of the distribution tests (fixed seeds: the outcome is deterministic)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest (and steadiest on a busy machine) on one thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def chi_square_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
