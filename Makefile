@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.dlm-align-installed
 # CPU build of torch (pinned; an unpinned torch would pull a multi-GB CUDA build).
 TORCH  := torch==2.13.0
 
-.PHONY: setup test lint quickstart bench clean
+.PHONY: setup test lint quickstart quickstart-loops bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,8 +23,11 @@ test: setup  ## lint, then the whole test suite (CPU only, no network)
 lint: setup
 	$(BIN)/ruff check .
 
-quickstart: setup  ## the embedded default end to end: base -> SFT -> eval, report in runs/quickstart
+quickstart: setup  ## the embedded default end to end: base -> SFT -> GRPO, evaluated after each, report in runs/quickstart
 	$(BIN)/dlm-align run quickstart
+
+quickstart-loops: setup  ## a loop-prone SFT, then GRPO with loop_penalty; loop rate per stage in runs/quickstart-loops
+	$(BIN)/dlm-align run quickstart-loops
 
 bench: setup  ## CPU benchmarks (tables printed, JSON in bench/results/)
 	$(BIN)/python bench/rollout.py

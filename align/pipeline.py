@@ -241,23 +241,30 @@ def _mask_id(model: torch.nn.Module) -> int:
     return int(base.mask_token_id)
 
 
-def _correct_list(cfg: RecipeConfig, stage: str) -> list[bool] | None:
+def _eval_flags(cfg: RecipeConfig, stage: str) -> tuple[list[bool], list[bool]] | None:
+    """Per-problem (correct, looped) flags of a stage's evaluation, or None if it has none."""
     path = Path(cfg.output_dir) / "eval" / f"{stage}.jsonl"
     if not path.is_file():
         return None
-    return [bool(json.loads(line)["correct"]) for line in path.read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [bool(r["correct"]) for r in rows], [float(r.get("loop_fraction", 0.0)) > 0 for r in rows]
 
 
 def compare_stages(cfg: RecipeConfig, report: dict[str, Any]) -> None:
-    """Paired McNemar test of each evaluated stage against the one before it (``report["comparisons"]``)."""
+    """Paired McNemar tests of each evaluated stage against the one before it (``report["comparisons"]``).
+
+    Each entry is the accuracy test (``delta``, ``n01`` fixed, ``n10`` broken, ``p_value``) with the same
+    test on the loop indicator under ``"loop_rate"`` (``delta`` = change in loop rate, ``n01`` problems
+    that started looping, ``n10`` problems that stopped).
+    """
     from align.stats import mcnemar_exact
 
     names = [s for s in report["stages"] if "accuracy" in report["stages"][s]]
     comps = report.setdefault("comparisons", {})
     for prev, cur in itertools.pairwise(names):
-        a, b = _correct_list(cfg, prev), _correct_list(cfg, cur)
-        if a is not None and b is not None and len(a) == len(b):
-            comps[f"{cur}_vs_{prev}"] = mcnemar_exact(a, b)
+        a, b = _eval_flags(cfg, prev), _eval_flags(cfg, cur)
+        if a is not None and b is not None and len(a[0]) == len(b[0]):
+            comps[f"{cur}_vs_{prev}"] = {**mcnemar_exact(a[0], b[0]), "loop_rate": mcnemar_exact(a[1], b[1])}
 
 
 def print_table(report: dict[str, Any]) -> str:
@@ -271,6 +278,10 @@ def print_table(report: dict[str, Any]) -> str:
     for key, c in report.get("comparisons", {}).items():
         lines.append(f"{key}: {100 * c['delta']:+.1f} points, McNemar p = {c['p_value']:.3g} "
                      f"(fixed {c['n01']}, broke {c['n10']})")
+        loops = c.get("loop_rate")
+        if loops and (loops["n01"] or loops["n10"]):
+            lines.append(f"{key} loop rate: {100 * loops['delta']:+.1f} points, McNemar p = {loops['p_value']:.3g} "
+                         f"(stopped looping {loops['n10']}, started {loops['n01']})")
     text = "\n".join(lines)
     print(text)
     return text
