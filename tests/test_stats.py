@@ -30,7 +30,8 @@ def test_compare_stages_pairs_accuracy_and_loops(tmp_path, capsys):
     from align.config import config_from_dict
     from align.pipeline import compare_stages, print_table
 
-    cfg = config_from_dict({"output_dir": str(tmp_path), "stages": ["sft"], "model": {"path": "builtin:quickstart-base"}})
+    raw = {"output_dir": str(tmp_path), "stages": ["sft"], "model": {"path": "builtin:quickstart-base"}}
+    cfg = config_from_dict(raw)
     (tmp_path / "eval").mkdir()
 
     def write(stage, correct, loops):
