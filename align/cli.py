@@ -61,7 +61,21 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     cfg = load_config(recipe_path(args.recipe), args.overrides)
     run_recipe(cfg)
+    _close_process_group()
     return 0
+
+
+def _close_process_group() -> None:
+    """Under torchrun / deepspeed / accelerate: wait for every rank, then close the process group.
+
+    Ranks that leave with the group still open can tear down its communication threads while a peer
+    still uses them (the peer then aborts), so a finished run closes it explicitly.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def build_parser() -> argparse.ArgumentParser:
