@@ -113,3 +113,15 @@ def test_negative_advantage_scale_zero_keeps_only_positive_advantages(tmp_path):
     assert rows and all(r["advantage"] >= 0 for r in rows) and any(r["advantage"] > 0 for r in rows)
     logs = [r for r in _log(tmp_path) if "advantages/mean" in r]
     assert logs and all(r["advantages/mean"] >= 0 for r in logs)
+
+
+def test_completion_loss_mask_eos_fill_and_truncation():
+    from align.trainers.grpo import completion_loss_mask
+
+    lengths = torch.tensor([2, 5, 0])  # tokens before the first stop; 5 = no stop within L = 5
+    whole = completion_loss_mask(lengths, 5)
+    assert whole.all()  # the EOS fill after the stop is scored too
+    to_stop = completion_loss_mask(lengths, 5, eos_fill_in_loss=False)
+    assert to_stop.tolist() == [[True, True, True, False, False], [True] * 5, [True, False, False, False, False]]
+    no_trunc = completion_loss_mask(lengths, 5, mask_truncated=True)
+    assert no_trunc.tolist() == [[True] * 5, [False] * 5, [True] * 5]

@@ -24,7 +24,7 @@ def test_mcnemar_no_discordant_pairs_and_errors():
         mcnemar_exact([True], [True, False])
 
 
-def test_compare_stages_pairs_accuracy_and_loops(tmp_path, capsys):
+def test_compare_stages_pairs_accuracy_and_loops(tmp_path):
     import json
 
     from align.config import config_from_dict

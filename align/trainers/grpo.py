@@ -72,6 +72,23 @@ class _ForwardShim(torch.nn.Module):
         return self.inner.head(h)
 
 
+def completion_loss_mask(lengths: torch.Tensor, L: int, *, eos_fill_in_loss: bool = True,
+                         mask_truncated: bool = False) -> torch.Tensor:
+    """``[N, L]`` completion positions scored by the likelihood, from the tokens before each first stop.
+
+    ``eos_fill_in_loss``: every generated position, the EOS fill after the first stop included; otherwise the
+    positions up to and including the first stop. ``mask_truncated``: rows with no stop (``length == L``) count
+    nowhere.
+    """
+    if eos_fill_in_loss:
+        mask = torch.ones(len(lengths), L, dtype=torch.bool, device=lengths.device)
+    else:
+        mask = torch.arange(L, device=lengths.device)[None] < (lengths + 1).clamp(max=L)[:, None]
+    if mask_truncated:
+        mask &= (lengths < L)[:, None]
+    return mask
+
+
 def _base(model: torch.nn.Module) -> torch.nn.Module:
     """The plain denoiser under PEFT wrappers (its hidden_states runs the LoRA layers)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -151,12 +168,8 @@ class DiffusionGRPOTrainer(Trainer):
         comp = out.sequences[:, P:]
         lengths = completion_lengths(comp, self.stop_ids)              # tokens before the first stop
         has_stop = lengths < L
-        if o.eos_fill_in_loss:  # the whole generated region, EOS fill included
-            comp_mask = torch.ones_like(comp, dtype=torch.bool)
-        else:  # up to and including the first stop
-            comp_mask = torch.arange(L, device=comp.device)[None] < (lengths + 1).clamp(max=L)[:, None]
-        if o.mask_truncated_completions:
-            comp_mask &= has_stop[:, None]
+        comp_mask = completion_loss_mask(lengths, L, eos_fill_in_loss=o.eos_fill_in_loss,
+                                         mask_truncated=o.mask_truncated_completions)
         tok = self.processing_class
         texts = [tok.decode(comp[i, : lengths[i]].tolist(), skip_special_tokens=True) for i in range(len(comp))]
         rows = inputs["rows"]
