@@ -7,6 +7,8 @@ surrogates together with their per-token contributions:
 * :func:`coupled` — coupled-GRPO (DiffuCoder): complementary masks ``U < t`` / ``U ≥ t`` plus the full view.
 * :func:`elbo` — the ELBO ``B(y|x)`` with ``sampler="t"`` (naive), ``"l_stratified"`` (LLaDA evaluation,
   lower variance) or ``"quadrature"`` (GDPO-style Gauss–Legendre nodes).
+* :func:`trace` — TraceRL's trajectory views: each token scored in the context the sampler had when it
+  decoded it (needs the rollout's ``commit_step``).
 
 Draws and evaluation are separate: :func:`draw_masks` (or ``draw_*_masks``) returns a :class:`MaskPlan`
 that holds every random choice, and :func:`evaluate` scores a plan under a model. Evaluating one plan
@@ -44,6 +46,7 @@ from align.likelihood_masks import (
     draw_elbo_masks,
     draw_masks,
     draw_one_step_masks,
+    draw_trace_masks,
     join_prompt_completion,
     mask_generator,
 )
@@ -64,6 +67,7 @@ __all__ = [
     "draw_elbo_masks",
     "draw_masks",
     "draw_one_step_masks",
+    "draw_trace_masks",
     "elbo",
     "evaluate",
     "exact_elbo",
@@ -71,6 +75,7 @@ __all__ = [
     "join_prompt_completion",
     "mask_generator",
     "one_step",
+    "trace",
 ]
 
 Backend = Literal["head", "linear"]
@@ -226,4 +231,17 @@ def elbo(model: nn.Module, input_ids: torch.Tensor, response_mask: torch.Tensor,
     """
     plan = draw_elbo_masks(input_ids, response_mask, generator=generator, attention_mask=attention_mask,
                            sampler=sampler, num_samples=num_samples, n_nodes=n_nodes, eps=eps)
+    return evaluate(model, plan, **evaluate_kwargs)
+
+
+def trace(model: nn.Module, input_ids: torch.Tensor, response_mask: torch.Tensor, *, commit_step: torch.Tensor,
+          attention_mask: torch.Tensor | None = None, num_views: int = 4,
+          **evaluate_kwargs: object) -> LikelihoodEstimate:
+    """Trajectory estimate (TraceRL): ``Σ_v Σ_{i in chunk v} log f_θ(y_i | x, z_{e_v})_i``.
+
+    ``commit_step`` is the rollout's record of when each position was decoded; see :func:`draw_trace_masks`.
+    ``num_views`` rows per sequence.
+    """
+    plan = draw_trace_masks(input_ids, response_mask, commit_step=commit_step, attention_mask=attention_mask,
+                            num_views=num_views)
     return evaluate(model, plan, **evaluate_kwargs)

@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-ESTIMATORS: tuple[str, ...] = ("one_step", "coupled", "elbo")
+ESTIMATORS: tuple[str, ...] = ("one_step", "coupled", "elbo", "trace")
 SAMPLERS: tuple[str, ...] = ("t", "l_stratified", "quadrature")
 
 
@@ -55,7 +55,7 @@ class MaskPlan:
     """All random draws of one estimate, independent of the model.
 
     Attributes:
-        estimator: ``"one_step"``, ``"coupled"`` or ``"elbo/<sampler>"``.
+        estimator: ``"one_step"``, ``"coupled"``, ``"elbo/<sampler>"`` or ``"trace"``.
         input_ids: ``[B, T]`` clean ids (prompt ``x`` and response ``y``).
         attention_mask: ``[B, T]`` bool, real tokens (False = padding).
         response_mask: ``[B, T]`` bool, positions of ``y``.
@@ -85,6 +85,17 @@ class MaskPlan:
     def num_rows(self) -> int:
         """Number of rows ``R`` (forward-pass rows before empty rows are skipped)."""
         return int(self.row_seq.shape[0])
+
+    def restricted_to(self, keep: torch.Tensor) -> MaskPlan:
+        """The same plan with the coefficients of sequences outside ``keep`` (``[B]`` bool) set to zero.
+
+        :func:`align.likelihood.evaluate` skips rows with nothing to score, so those sequences cost no forward
+        pass and their estimates are 0; the draws of the kept sequences are unchanged.
+        """
+        keep = keep.to(device=self.coef.device, dtype=torch.bool)
+        if keep.shape != (self.batch_size,):
+            raise ShapeMismatchError(f"keep must be [{self.batch_size}], got {tuple(keep.shape)}")
+        return replace(self, coef=self.coef * keep[self.row_seq].unsqueeze(1).to(self.coef.dtype))
 
     def to(self, device: torch.device | str) -> MaskPlan:
         """The same plan with every tensor on ``device``."""
@@ -318,16 +329,64 @@ def draw_elbo_masks(input_ids: torch.Tensor, response_mask: torch.Tensor, *,
                  l.double() / L.double(), n)
 
 
-_DRAWERS = {"one_step": draw_one_step_masks, "coupled": draw_coupled_masks, "elbo": draw_elbo_masks}
+def draw_trace_masks(input_ids: torch.Tensor, response_mask: torch.Tensor, *, commit_step: torch.Tensor,
+                     generator: torch.Generator | int | None = None, attention_mask: torch.Tensor | None = None,
+                     num_views: int = 4) -> MaskPlan:
+    """Trajectory views (TraceRL): score each response token in the context the sampler had when it was decoded.
+
+    The sampler records the denoising step ``s_i`` at which position ``i`` was committed
+    (:attr:`align.sampling.GenerationOutput.commit_step`). The ``S_b`` steps of row ``b`` are split into
+    ``V = num_views`` consecutive chunks ``[e_v, e_{v+1})`` with ``e_v = ⌊v·S_b/V⌋``; view ``v`` masks every
+    response token committed at a step ``≥ e_v`` (the state of the trajectory before step ``e_v``) and scores
+    the tokens committed in its chunk with coefficient 1::
+
+        log π̂(y | x) = Σ_v Σ_{i: e_v ≤ s_i < e_{v+1}} log f_θ(y_i | x, z_{e_v})_i
+
+    Every response token is scored exactly once. With ``V = S_b`` the views are the trajectory's own states
+    and the estimate is the log-probability of the tokens the sampler committed (positions are chosen by
+    confidence, so they carry no extra probability); fewer views show each token a little less context than
+    the sampler had, at ``V`` rows per sequence. The plan is a function of the trajectory alone: ``generator``
+    is accepted for the common interface of the estimators and draws nothing.
+
+    Args:
+        commit_step: ``[B, T]`` step at which each response position was committed (values off the response
+            are ignored; ``-1`` on the response counts as the last step).
+        num_views: ``V`` rows per sequence (chunks of the trajectory).
+    """
+    input_ids, attention_mask, resp = _validate(input_ids, response_mask, attention_mask)
+    if not isinstance(num_views, int) or isinstance(num_views, bool) or num_views < 1:
+        raise InvalidSettingError(f"num_views must be an int >= 1, got {num_views!r}")
+    if commit_step.shape != input_ids.shape:
+        raise ShapeMismatchError(f"commit_step {tuple(commit_step.shape)} must match input_ids "
+                                 f"{tuple(input_ids.shape)}")
+    T = input_ids.shape[1]
+    s = commit_step.to(device=input_ids.device, dtype=torch.long)
+    last = torch.where(resp, s, torch.full_like(s, -1)).amax(dim=1, keepdim=True)     # S_b − 1
+    s = torch.where(resp & (s < 0), last + 1, s)                                         # never committed: last
+    S = torch.where(resp, s, torch.zeros_like(s)).amax(dim=1) + 1                        # S_b steps
+    v = torch.arange(num_views + 1, device=input_ids.device)
+    edges = (v[None, :] * S[:, None]) // num_views                                       # e_v = ⌊v·S_b/V⌋
+    start, stop = edges[:, :-1, None], edges[:, 1:, None]                                # [B, V, 1]
+    si = s[:, None, :]
+    masked = resp[:, None, :] & (si >= start)                                            # state before step e_v
+    scored = resp[:, None, :] & (si >= start) & (si < stop)                              # tokens of chunk v
+    t_rows = masked.sum(-1).double() / resp.sum(-1, keepdim=True).double()              # share of y masked
+    return _plan("trace", input_ids, attention_mask, resp, num_views, masked.reshape(-1, T),
+                 scored.reshape(-1, T).float(), t_rows.reshape(-1), 1)
+
+
+_DRAWERS = {"one_step": draw_one_step_masks, "coupled": draw_coupled_masks, "elbo": draw_elbo_masks,
+            "trace": draw_trace_masks}
 
 
 def draw_masks(input_ids: torch.Tensor, response_mask: torch.Tensor, *, estimator: str,
                generator: torch.Generator | int, attention_mask: torch.Tensor | None = None,
                **settings: object) -> MaskPlan:
-    """Draw a plan for ``estimator`` (``"one_step"``, ``"coupled"`` or ``"elbo"``) with its settings.
+    """Draw a plan for ``estimator`` (``"one_step"``, ``"coupled"``, ``"elbo"`` or ``"trace"``) with its settings.
 
-    ``settings`` are the keyword arguments of :func:`draw_one_step_masks`, :func:`draw_coupled_masks` or
-    :func:`draw_elbo_masks`; an unknown name raises ``TypeError`` like any bad keyword.
+    ``settings`` are the keyword arguments of :func:`draw_one_step_masks`, :func:`draw_coupled_masks`,
+    :func:`draw_elbo_masks` or :func:`draw_trace_masks` (which needs ``commit_step``); an unknown name raises
+    ``TypeError`` like any bad keyword.
     """
     if estimator not in _DRAWERS:
         raise UnknownEstimatorError(f"unknown likelihood estimator {estimator!r}; expected one of {ESTIMATORS}")
@@ -335,7 +394,7 @@ def draw_masks(input_ids: torch.Tensor, response_mask: torch.Tensor, *, estimato
                               **settings)
 
 
-_DRAW_INPUTS = ("input_ids", "response_mask", "generator", "attention_mask")
+_DRAW_INPUTS = ("input_ids", "response_mask", "generator", "attention_mask", "commit_step")
 
 
 def check_estimator_args(estimator: str, args: Mapping[str, object]) -> None:
@@ -353,7 +412,8 @@ def check_estimator_args(estimator: str, args: Mapping[str, object]) -> None:
         raise InvalidSettingError(f"unknown setting(s) {unknown} for estimator {estimator!r}; allowed: {allowed}")
     ids = torch.zeros(1, 2, dtype=torch.long)
     resp = torch.tensor([[False, True]])
+    trajectory = {"commit_step": torch.tensor([[-1, 0]])} if estimator == "trace" else {}
     try:
-        _DRAWERS[estimator](ids, resp, generator=0, **args)
+        _DRAWERS[estimator](ids, resp, generator=0, **trajectory, **args)
     except TypeError as exc:
         raise InvalidSettingError(f"bad value in {dict(args)} for estimator {estimator!r}: {exc}") from exc

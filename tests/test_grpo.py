@@ -50,6 +50,7 @@ def _log(tmp_path: Path) -> list[dict]:
     ("one_step", {"estimator_args": {"p_mask_prompt": 0.15}}),
     ("coupled", {"estimator_args": {"t_min": 0.2, "t_max": 0.8}}),
     ("elbo", {"estimator_args": {"sampler": "l_stratified", "num_samples": 2}}),
+    ("trace", {"estimator_args": {"num_views": 2}}),
 ])
 def test_each_estimator_trains(tmp_path, estimator, extra):
     raw = _recipe(tmp_path, {"estimator": estimator, "num_iterations": 2, "beta": 0.04, "save_steps": 2, **extra})
@@ -61,8 +62,8 @@ def test_each_estimator_trains(tmp_path, estimator, extra):
     assert all(torch.isfinite(p).all() for p in model.parameters())
     logs = _log(tmp_path)
     first = next(r for r in logs if "reward" in r)
-    for key in ("rewards/digit_share/mean", "advantages/std", "clip_ratio", "kl", "completions/mean_length",
-                "rollout/time_share", "rollout/tokens_per_second"):
+    for key in ("rewards/digit_share/mean", "advantages/std", "frac_reward_zero_std", "clip_ratio", "kl",
+                "completions/mean_length", "rollout/time_share", "rollout/tokens_per_second"):
         assert key in first, key
     assert first["clip_ratio"] == 0.0  # first inner iteration: ρ = 1 exactly
     assert first["kl"] == pytest.approx(0.0, abs=1e-6)  # policy still equals the reference
@@ -125,3 +126,32 @@ def test_completion_loss_mask_eos_fill_and_truncation():
     assert to_stop.tolist() == [[True, True, True, False, False], [True] * 5, [True, False, False, False, False]]
     no_trunc = completion_loss_mask(lengths, 5, mask_truncated=True)
     assert no_trunc.tolist() == [[True] * 5, [False] * 5, [True] * 5]
+
+
+def test_skipping_zero_advantage_completions_leaves_the_gradient_unchanged():
+    # without a KL term the trainer scores only completions with A_i != 0 (MaskPlan.restricted_to); the loss
+    # and its gradient must be those of scoring every completion
+    from align.likelihood import draw_coupled_masks, evaluate
+    from align.models import LLaDAModelLM, tiny_llada_config
+    from align.trainers.grpo_math import aggregate, clipped_surrogate
+
+    model = LLaDAModelLM(tiny_llada_config(vocab_size=32, init_std=0.2))
+    g = torch.Generator().manual_seed(0)
+    P, L = 3, 5
+    ids = torch.randint(0, 30, (4, P + L), generator=g)
+    resp = torch.zeros_like(ids, dtype=torch.bool)
+    resp[:, P:] = True
+    A = torch.tensor([1.2, -0.7, 0.0, 0.0])
+    plan = draw_coupled_masks(ids, resp, generator=1)
+
+    def loss_and_grad(p):
+        model.zero_grad()
+        logp = evaluate(model, p).token_logp[:, P:]
+        per_tok, _ = clipped_surrogate(logp, logp.detach(), A[:, None], 0.2, 0.2)
+        loss = aggregate(per_tok, resp[:, P:], "grpo", L)
+        loss.backward()
+        return loss.detach(), torch.cat([q.grad.flatten() for q in model.parameters() if q.grad is not None])
+
+    (l_full, g_full), (l_part, g_part) = loss_and_grad(plan), loss_and_grad(plan.restricted_to(A != 0))
+    assert torch.allclose(l_full, l_part) and g_full.abs().max() > 0
+    assert torch.allclose(g_full, g_part, atol=1e-6)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from align.trainers.grpo_math import aggregate, clipped_surrogate, group_advantages, k3_kl
+from align.trainers.grpo_math import aggregate, clipped_surrogate, constant_groups, group_advantages, k3_kl
 
 
 def test_group_advantages_mean_and_scaling():
@@ -18,6 +18,15 @@ def test_group_advantages_mean_and_scaling():
     assert torch.allclose(As[4:], torch.zeros(4))  # equal rewards: no signal, no blow-up
     Ab = group_advantages(r, 4, scale_rewards="batch")
     assert torch.allclose(Ab, A / (r.std() + 1e-4))
+
+
+def test_groups_of_equal_rewards_get_exactly_zero():
+    r = torch.tensor([0.1, 0.1, 0.1, 0.3, 0.1, float("nan"), 0.7, float("nan")])
+    assert constant_groups(r, 2).tolist() == [True, False, True, True]
+    for scale in ("group", "batch", "none"):
+        A = group_advantages(r, 2, scale_rewards=scale)
+        assert torch.equal(A[[0, 1, 4, 5, 6, 7]], torch.zeros(6))   # no rounding residue from the group mean
+        assert A[2] < 0 < A[3]
 
 
 def test_leave_one_out_and_nan_rewards():

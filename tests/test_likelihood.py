@@ -21,6 +21,7 @@ from align.likelihood import (
     draw_elbo_masks,
     draw_masks,
     draw_one_step_masks,
+    draw_trace_masks,
     elbo,
     evaluate,
     exact_elbo,
@@ -28,6 +29,7 @@ from align.likelihood import (
     join_prompt_completion,
     mask_generator,
     one_step,
+    trace,
 )
 from align.likelihood_exact import (
     coupled_expectation,
@@ -222,6 +224,76 @@ def test_coupled_pair_covers_each_token_once(model):
     assert torch.allclose(est.token_logp, manual * resp, atol=1e-5)
 
 
+def _rollout_with_states(model, steps: int, gen_length: int = 6, block_length: int = 3):
+    """Sample two completions at T = 1 and record the state the sampler saw before every step."""
+    from align.sampling import generate
+
+    prompt = torch.stack([_tokens(4, 21), _tokens(4, 22)])
+    states = [None]
+
+    def record(state):
+        states.append(state.sequences.clone())          # after step s = before step s + 1
+
+    out = generate(model, prompt, gen_length=gen_length, steps=steps, block_length=block_length,
+                   temperature=1.0, generator=torch.Generator().manual_seed(3), on_commit=record)
+    states[0] = torch.cat([prompt, torch.full((2, gen_length), model.mask_token_id)], 1)
+    resp = torch.zeros_like(out.sequences, dtype=torch.bool)
+    resp[:, 4:] = True
+    commit = torch.cat([torch.full((2, 4), -1), out.commit_step], 1)
+    return out.sequences, resp, commit, states[:-1]
+
+
+def test_trace_views_are_the_samplers_states(model):
+    # one view per denoising step: view s masks exactly what the sampler had masked before step s and scores
+    # the tokens committed at step s, so the estimate is the log-probability of the sampler's choices
+    ids, resp, commit, states = _rollout_with_states(model, steps=6)
+    plan = draw_trace_masks(ids, resp, commit_step=commit, num_views=6)
+    mask_id = model.mask_token_id
+    for b in range(2):
+        for s, state in enumerate(states):
+            r = b * 6 + s
+            assert torch.equal(plan.masked[r], state[b] == mask_id)
+            assert torch.equal(plan.coef[r] != 0, resp[b] & (commit[b] == s))
+    est = evaluate(model, plan)
+    with torch.no_grad():
+        manual = torch.zeros(2)
+        for s, state in enumerate(states):
+            logp = torch.log_softmax(model(state).logits.float(), -1).gather(-1, ids[..., None])[..., 0]
+            manual += (logp * (resp & (commit == s))).sum(1)
+    assert torch.allclose(est.seq_logp, manual, atol=1e-5)
+
+
+def test_trace_chunks_cover_each_token_once(model):
+    ids, resp, commit, _ = _rollout_with_states(model, steps=6)
+    for V in (1, 2, 4):
+        plan = draw_trace_masks(ids, resp, commit_step=commit, num_views=V)
+        scored = (plan.coef != 0).view(2, V, -1)
+        assert torch.equal(scored.sum(1), resp.long()) and torch.equal(plan.coef[plan.coef != 0],
+                                                                       torch.ones(int(resp.sum())))
+        # a view shows every token committed before its chunk and masks the rest of the response
+        first = torch.where(scored, commit[:, None, :], torch.full_like(scored, 99, dtype=torch.long)).amin(-1)
+        expect = resp[:, None, :] & (commit[:, None, :] >= first[..., None])
+        assert torch.equal(plan.masked.view(2, V, -1), expect)
+    assert torch.equal(draw_trace_masks(ids, resp, commit_step=commit, num_views=1).masked, resp)
+    est = trace(model, ids, resp, commit_step=commit, num_views=3)
+    assert est.seq_logp.shape == (2,) and torch.isfinite(est.seq_logp).all()
+    with pytest.raises(InvalidSettingError, match="num_views"):
+        draw_trace_masks(ids, resp, commit_step=commit, num_views=0)
+    with pytest.raises(ShapeMismatchError, match="commit_step"):
+        draw_trace_masks(ids, resp, commit_step=commit[:, 1:], num_views=2)
+
+
+def test_restricted_plan_skips_sequences_and_keeps_the_others(model):
+    ids, attn, resp = _batch()
+    plan = draw_coupled_masks(ids, resp, attention_mask=attn, generator=6)
+    keep = torch.tensor([False, True])
+    full, part = evaluate(model, plan), evaluate(model, plan.restricted_to(keep))
+    assert torch.equal(part.token_logp[0], torch.zeros_like(part.token_logp[0]))
+    assert torch.allclose(part.token_logp[1], full.token_logp[1], atol=1e-6)
+    with pytest.raises(ShapeMismatchError):
+        plan.restricted_to(torch.ones(3, dtype=torch.bool))
+
+
 def test_t_sampler_draws_bernoulli_t_masks():
     # the t-sampled estimator's variance is too large for a sharp mean test; check its parts instead:
     # t ~ U(0,1), count | t ~ Binomial(L, t), coef = 1/(n·t) on the masked positions
@@ -361,6 +433,9 @@ def test_check_estimator_args_validates_recipe_settings():
     check_estimator_args("elbo", {"sampler": "quadrature", "num_samples": 4, "n_nodes": 3})
     check_estimator_args("one_step", {"p_mask_prompt": 0.0})
     check_estimator_args("coupled", {})
+    check_estimator_args("trace", {"num_views": 2})
+    with pytest.raises(InvalidSettingError, match="num_views"):
+        check_estimator_args("trace", {"num_views": 1.5})
     with pytest.raises(UnknownEstimatorError):
         check_estimator_args("diffusion", {})
     with pytest.raises(UnknownEstimatorError, match="sampler"):

@@ -12,8 +12,12 @@ One optimizer step (per micro-batch of prompts):
    ``−min(ρA, clip(ρ, 1−ε, 1+ε_high)A) + β·k3`` aggregated by ``loss_type``. At ``k = 0`` the old scores are the
    current ones detached, so ``ρ = 1`` exactly.
 
-Metrics (reward per function, advantages, clip fraction, KL, completion length, rollout time share and
-tokens/s) go to the Trainer's loggers; samples of completions to ``<output_dir>/completions.jsonl``.
+Without a KL term (``β = 0``) completions with ``A_i = 0`` (groups whose rewards are all equal) are left out
+of the likelihood passes: they add nothing to the loss, and aggregation still counts them.
+
+Metrics (reward per function, advantages, share of groups with equal rewards, clip fraction, KL, completion
+length, rollout time share and tokens/s) go to the Trainer's loggers; samples of completions to
+``<output_dir>/completions.jsonl``.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from align.likelihood import LikelihoodEstimate, draw_masks, evaluate
 from align.loop_guard import LoopGuardConfig
 from align.rng import make_generator
 from align.trainers.grpo_config import GRPOOptions
-from align.trainers.grpo_math import aggregate, clipped_surrogate, group_advantages, k3_kl
+from align.trainers.grpo_math import aggregate, clipped_surrogate, constant_groups, group_advantages, k3_kl
 from align.trainers.sft import CompleteMarker, NonFiniteGuard
 
 
@@ -184,9 +188,16 @@ class DiffusionGRPOTrainer(Trainer):
         input_ids = out.sequences
         attention = torch.cat([att, torch.ones_like(comp)], 1)
         response = torch.cat([torch.zeros_like(att, dtype=torch.bool), comp_mask], 1)
+        trajectory = {}
+        if o.estimator == "trace":   # when each position was decoded; the prompt is never masked
+            trajectory["commit_step"] = torch.cat([torch.full_like(att, -1, dtype=torch.long), out.commit_step], 1)
         plans = [draw_masks(input_ids, response, estimator=o.estimator, attention_mask=attention,
-                            generator=make_generator(self.rl_seed, cycle, micro, rank, 1 + k), **o.estimator_args)
-                 .to(input_ids.device) for k in range(o.num_iterations)]
+                            generator=make_generator(self.rl_seed, cycle, micro, rank, 1 + k), **trajectory,
+                            **o.estimator_args).to(input_ids.device) for k in range(o.num_iterations)]
+        if o.beta == 0:
+            # A_i = 0 contributes nothing to the loss without a KL term: score only the completions with a
+            # non-zero advantage (the others cost no forward pass); aggregation still counts every completion
+            plans = [p.restricted_to(A != 0) for p in plans]
         old = [None] + [evaluate(_base(policy), plans[k]) for k in range(1, o.num_iterations)]
         ref = [self._ref_scores(p) for p in plans]
         if was_training:
@@ -212,6 +223,8 @@ class DiffusionGRPOTrainer(Trainer):
         m["advantages/mean"].append(A.mean().item())
         m["advantages/std"].append(A.std().item() if A.numel() > 1 else 0.0)
         m["advantages/abs_max"].append(A.abs().max().item())
+        m["frac_reward_zero_std"].append(constant_groups(total.float(), self.options.num_generations)
+                                         .float().mean().item())
         m["completions/mean_length"].append(lengths.float().mean().item())
         m["completions/truncated_ratio"].append(1.0 - has_stop.float().mean().item())
         for k, v in self.reward_runner.metrics(prefix="reward_errors/").items():

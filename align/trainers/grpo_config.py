@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-ESTIMATOR_CHOICES = ("one_step", "coupled", "elbo")
+ESTIMATOR_CHOICES = ("one_step", "coupled", "elbo", "trace")
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo")
 SCALE_REWARDS = ("group", "batch", "none")
 BASELINES = ("mean", "leave_one_out")
@@ -25,9 +25,10 @@ class GRPOOptions:
         steps, block_length, temperature, remasking, threshold, cache, cfg_scale: rollout sampler settings
             (:func:`align.sampling.generate`).
         loop_guard: decode-time loop guard of the rollouts (:class:`align.loop_guard.LoopGuardConfig`).
-        estimator: ``one_step`` (diffu-GRPO), ``coupled`` (coupled-GRPO) or ``elbo`` (ELBO-GRPO).
+        estimator: ``one_step`` (diffu-GRPO), ``coupled`` (coupled-GRPO), ``elbo`` (ELBO-GRPO) or ``trace``
+            (TraceRL: each token scored in the context its rollout decoded it in).
         estimator_args: keyword arguments of the estimator's mask draw (``p_mask_prompt``; ``t_min``/``t_max``;
-            ``num_samples``, ``sampler``, ``n_nodes``).
+            ``num_samples``, ``sampler``, ``n_nodes``; ``num_views``).
         importance_sampling_level: ``token`` or ``sequence`` ratio; default ``token`` for one_step/coupled and
             ``sequence`` for elbo.
         num_iterations: ``μ`` gradient steps per batch of rollouts; each uses its own mask draw, shared by the

@@ -5,6 +5,15 @@ from __future__ import annotations
 import torch
 
 
+def constant_groups(r: torch.Tensor, G: int) -> torch.Tensor:
+    """``[N/G]`` bool: groups whose valid (non-NaN) rewards are all equal; they carry no advantage signal."""
+    rg = r.view(-1, G)
+    valid = ~torch.isnan(rg)
+    hi = torch.where(valid, rg, torch.full_like(rg, -torch.inf)).amax(1)
+    lo = torch.where(valid, rg, torch.full_like(rg, torch.inf)).amin(1)
+    return ~(hi > lo)
+
+
 def group_advantages(r: torch.Tensor, G: int, *, scale_rewards: str = "group", baseline: str = "mean",
                      eps: float = 1e-4) -> torch.Tensor:
     """Advantages ``A_i`` of rewards ``r`` [N] laid out as consecutive groups of ``G`` completions.
@@ -12,6 +21,7 @@ def group_advantages(r: torch.Tensor, G: int, *, scale_rewards: str = "group", b
     ``A_i = r_i − mean_group(r)`` (``baseline="mean"``) or ``r_i − mean_{j≠i} r_j`` (``"leave_one_out"``),
     optionally divided by the group std (``scale_rewards="group"``) or the batch std (``"batch"``).
     NaN rewards (every reward function skipped the sample) give advantage 0 and do not enter the statistics.
+    A group whose valid rewards are all equal gets exactly 0 (rounding in the mean cannot leak a signal).
     """
     if r.dim() != 1 or r.numel() % G:
         raise ValueError(f"rewards must be [N] with N a multiple of G={G}, got {tuple(r.shape)}")
@@ -34,7 +44,8 @@ def group_advantages(r: torch.Tensor, G: int, *, scale_rewards: str = "group", b
         A = A / (r[valid].std() + eps if int(valid.sum()) > 1 else 1.0)
     elif scale_rewards != "none":
         raise ValueError(f"unknown scale_rewards {scale_rewards!r}")
-    return torch.where(vg > 0, A, torch.zeros_like(A)).view(-1)
+    signal = (vg > 0) & ~constant_groups(r, G)[:, None]
+    return torch.where(signal, A, torch.zeros_like(A)).view(-1)
 
 
 def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
