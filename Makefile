@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.dlm-align-installed
 # CPU build of torch (pinned; an unpinned torch would pull a multi-GB CUDA build).
 TORCH  := torch==2.13.0
 
-.PHONY: setup test lint quickstart quickstart-loops bench clean
+.PHONY: setup test lint quickstart quickstart-clean quickstart-loops bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,12 +26,16 @@ lint: setup
 quickstart: setup  ## the embedded default end to end: base -> SFT -> GRPO, evaluated after each, report in runs/quickstart
 	$(BIN)/dlm-align run quickstart
 
+quickstart-clean: setup  ## the same pipeline on clean SFT data (coupled-GRPO), report in runs/quickstart-clean
+	$(BIN)/dlm-align run quickstart-clean
+
 quickstart-loops: setup  ## a loop-prone SFT, then GRPO with loop_penalty; loop rate per stage in runs/quickstart-loops
 	$(BIN)/dlm-align run quickstart-loops
 
 bench: setup  ## CPU benchmarks (tables printed, JSON in bench/results/)
 	$(BIN)/python bench/rollout.py
 	$(BIN)/python bench/estimators.py
+	$(BIN)/python bench/grpo_update.py
 	$(BIN)/python bench/loops.py
 
 clean:
