@@ -369,7 +369,7 @@ def draw_trace_masks(input_ids: torch.Tensor, response_mask: torch.Tensor, *, co
     start, stop = edges[:, :-1, None], edges[:, 1:, None]                                # [B, V, 1]
     si = s[:, None, :]
     masked = resp[:, None, :] & (si >= start)                                            # state before step e_v
-    scored = resp[:, None, :] & (si >= start) & (si < stop)                              # tokens of chunk v
+    scored = masked & (si < stop)                                                        # tokens of chunk v
     t_rows = masked.sum(-1).double() / resp.sum(-1, keepdim=True).double()              # share of y masked
     return _plan("trace", input_ids, attention_mask, resp, num_views, masked.reshape(-1, T),
                  scored.reshape(-1, T).float(), t_rows.reshape(-1), 1)

@@ -188,18 +188,23 @@ class DiffusionGRPOTrainer(Trainer):
         input_ids = out.sequences
         attention = torch.cat([att, torch.ones_like(comp)], 1)
         response = torch.cat([torch.zeros_like(att, dtype=torch.bool), comp_mask], 1)
-        trajectory = {}
+        mu, trajectory = o.num_iterations, {}
         if o.estimator == "trace":   # when each position was decoded; the prompt is never masked
             trajectory["commit_step"] = torch.cat([torch.full_like(att, -1, dtype=torch.long), out.commit_step], 1)
-        plans = [draw_masks(input_ids, response, estimator=o.estimator, attention_mask=attention,
+        # one plan per inner iteration; the trace plan is a function of the trajectory, so one serves all
+        n_plans = 1 if o.estimator == "trace" else mu
+        drawn = [draw_masks(input_ids, response, estimator=o.estimator, attention_mask=attention,
                             generator=make_generator(self.rl_seed, cycle, micro, rank, 1 + k), **trajectory,
-                            **o.estimator_args).to(input_ids.device) for k in range(o.num_iterations)]
+                            **o.estimator_args).to(input_ids.device) for k in range(n_plans)]
         if o.beta == 0:
             # A_i = 0 contributes nothing to the loss without a KL term: score only the completions with a
             # non-zero advantage (the others cost no forward pass); aggregation still counts every completion
-            plans = [p.restricted_to(A != 0) for p in plans]
-        old = [None] + [evaluate(_base(policy), plans[k]) for k in range(1, o.num_iterations)]
-        ref = [self._ref_scores(p) for p in plans]
+            drawn = [p.restricted_to(A != 0) for p in drawn]
+        old_by = {j: evaluate(_base(policy), drawn[j]) for j in sorted({k % n_plans for k in range(1, mu)})}
+        ref_by = [self._ref_scores(p) for p in drawn]
+        plans = [drawn[k % n_plans] for k in range(mu)]
+        old = [None] + [old_by[k % n_plans] for k in range(1, mu)]
+        ref = [ref_by[k % n_plans] for k in range(mu)]
         if was_training:
             policy.train()
         dt = time.perf_counter() - t0
