@@ -155,7 +155,7 @@ class EvalConfig:
             settings (see ``dlm-align generate --help``).
         loop_detection: keyword arguments of :func:`align.rewards.detect_loops` used for ``loop_rate``
             (e.g. ``min_span`` for short completions).
-        loop_guard: decode-time loop guard (:class:`align.loop_guard.LoopGuardConfig`: ``enabled``,
+        loop_guard: decode-time loop guard (:class:`align.sampling.loop_guard.LoopGuardConfig`: ``enabled``,
             ``penalty``, ``max_remasks``, ``detection``); off by default.
     """
 
@@ -334,7 +334,7 @@ def _zero_stage(ds: Any) -> int | None:
 
 
 def _check_loop_guard(section: Any, where: str) -> None:
-    from align.loop_guard import LoopGuardConfig, LoopGuardConfigError
+    from align.sampling.loop_guard import LoopGuardConfig, LoopGuardConfigError
 
     if not isinstance(section, dict):
         raise ConfigError(f"'{where}' must be a mapping (enabled, penalty, max_remasks, detection)")

@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from align.config import EvalConfig
+from align.data.collator import left_pad
 from align.data.formatting import encode_prompt
 
 logger = logging.getLogger(__name__)
@@ -59,25 +60,6 @@ def stop_token_ids(tokenizer: Any) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
-def completion_lengths(completion_ids: torch.Tensor, stop_ids: list[int]) -> torch.Tensor:
-    """Tokens before the first stop token of each row ([B] long; full length when none)."""
-    from align.sampling_select import completion_lengths as _lengths
-
-    return _lengths(completion_ids, torch.tensor(stop_ids, device=completion_ids.device))[0]
-
-
-def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad token lists into ``(ids [B, P], attention_mask [B, P])``."""
-    P = max(len(r) for r in rows)
-    ids = torch.full((len(rows), P), pad_id, dtype=torch.long)
-    att = torch.zeros(len(rows), P, dtype=torch.long)
-    for i, r in enumerate(rows):
-        if r:
-            ids[i, P - len(r):] = torch.as_tensor(r)
-            att[i, P - len(r):] = 1
-    return ids, att
-
-
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, tokenizer: Any, prompts: list[Any], answers: list[str], cfg: EvalConfig, *,
              use_chat_template: bool = True, seed: int = 0, desc: str = "eval") -> EvalResult:
@@ -91,10 +73,9 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, prompts: list[Any], answers
         cfg: sampler settings and batch size.
         seed: seed of the sampler's generator (only used at temperature > 0 or random remasking).
     """
-    from align.loop_guard import LoopGuardConfig
-    from align.rewards import detect_loops
+    from align.loops import detect_loops
     from align.rewards.answers import answers_match, extract_answer, gold_answer
-    from align.sampling import generate
+    from align.sampling import LoopGuardConfig, completion_lengths, generate
 
     if len(prompts) != len(answers):
         raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
@@ -116,7 +97,7 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, prompts: list[Any], answers
                        generator=gen, on_commit=guard_cfg.build(stops))
         nfe += int(out.nfe)
         comp = out.sequences[:, ids.shape[1]:].cpu()
-        lengths = completion_lengths(comp, stops)
+        lengths = completion_lengths(comp, stops)[0]
         # loops in the completion a reader gets: the tokens before the first stop (what follows is never shown)
         loops = detect_loops([comp[i, : lengths[i]] for i in range(len(comp))], pad_ids=stops, **cfg.loop_detection)
         for i, p in enumerate(chunk):

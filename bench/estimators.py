@@ -20,8 +20,9 @@ from pathlib import Path
 
 import torch
 
-from align.likelihood import draw_elbo_masks, evaluate, exact_elbo, mask_generator
+from align.likelihood import draw_elbo_masks, exact_elbo, score_plan
 from align.models import LLaDAModelLM, tiny_llada_config
+from align.rng import make_generator
 
 # (label, sampler, shared masks between θ and ref)
 ESTIMATORS: list[tuple[str, str, bool]] = [
@@ -66,7 +67,7 @@ def estimate(model: LLaDAModelLM, ids: torch.Tensor, resp: torch.Tensor, sampler
              gen: torch.Generator, micro: int) -> torch.Tensor:
     """``B̂`` of every row of ``ids`` under ``model`` with a fresh plan from ``gen``."""
     plan = draw_elbo_masks(ids, resp, generator=gen, sampler=sampler, num_samples=n)
-    return evaluate(model, plan, micro_batch_size=micro, chunk_size=8192).seq_logp.double()
+    return score_plan(model, plan, micro_batch_size=micro, chunk_size=8192).seq_logp.double()
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -96,11 +97,11 @@ def main(argv: list[str] | None = None) -> dict:
                 continue
             start = time.perf_counter()
             if sampler not in theta_cache:       # θ's draws are the same for the shared and independent rows
-                theta_cache[sampler] = estimate(theta, ids, resp, sampler, n, mask_generator(args.seed, n, 0),
+                theta_cache[sampler] = estimate(theta, ids, resp, sampler, n(args.seed, n, 0),
                                                 args.micro_batch_size)
             b_theta = theta_cache[sampler]
             # shared: replay θ's generator stream, hence the same (t, mask) draws, under ref
-            ref_gen = mask_generator(args.seed, n, 0 if shared else 1)
+            ref_gen = make_generator(args.seed, n, 0 if shared else 1)
             b_ref = estimate(ref, ids, resp, sampler, n, ref_gen, args.micro_batch_size)
             diff = (b_theta - b_ref).view(args.reps, S)
             rows.append({

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from align.build import resolve_model_path
-from align.likelihood import draw_masks, evaluate
+from align.likelihood import draw_masks, score_plan
 from align.models import load_model
 from align.trainers.grpo_math import aggregate, clipped_surrogate
 
@@ -78,7 +78,7 @@ def make_batch(args: argparse.Namespace, vocab: int, gen: torch.Generator):
 def update(model, plan, A: torch.Tensor, P: int, L: int) -> tuple[float, torch.Tensor]:
     """One clipped-surrogate update at the first inner iteration (ρ = 1); returns (loss, flat gradient)."""
     model.zero_grad(set_to_none=True)
-    logp = evaluate(model, plan).token_logp[:, P:]
+    logp = score_plan(model, plan).token_logp[:, P:]
     per_tok, _ = clipped_surrogate(logp, logp.detach(), A[:, None], 0.2, 0.2)
     loss = aggregate(per_tok, plan.response_mask[:, P:], "grpo", L)
     loss.backward()
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         if base_ms is None:
             base_ms = ms_all
         for name, ms in (("all rows", ms_all), ("skip A = 0", ms_skip)):
-            n_rows = int((variants[name].coef != 0).any(1).sum())         # rows evaluate() runs
+            n_rows = int((variants[name].coef != 0).any(1).sum())         # rows score_plan() runs
             rows.append({"estimator": label, "variant": name, "rows_scored": n_rows, "ms_per_update": ms,
                          "speedup_vs_baseline": base_ms / ms, "same_loss_and_gradient": same})
     print(f"{args.groups} groups x G={args.num_generations}, P={P}, L={L}, {args.zero_std:.0%} of groups constant, "

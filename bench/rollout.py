@@ -34,10 +34,10 @@ from pathlib import Path
 
 import torch
 
-from align.evaluate import left_pad
+from align.data.collator import left_pad
 from align.models import LLaDAModelLM, tiny_llada_config
 from align.sampling import generate
-from align.sampling_reference import reference_generate
+from align.sampling.reference import reference_generate
 
 RESULTS = Path(__file__).resolve().parent / "results" / "rollout.json"
 

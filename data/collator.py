@@ -75,3 +75,15 @@ class SFTCollator:
             response[b, P:P + C + trained_pad] = True
             attention[b, :P + C + trained_pad] = 1
         return {"input_ids": input_ids, "response_mask": response, "attention_mask": attention}
+
+
+def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token lists into ``(ids [B, P], attention_mask [B, P])``."""
+    P = max(len(r) for r in rows)
+    ids = torch.full((len(rows), P), pad_id, dtype=torch.long)
+    att = torch.zeros(len(rows), P, dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, P - len(r):] = torch.as_tensor(r)
+            att[i, P - len(r):] = 1
+    return ids, att

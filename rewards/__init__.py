@@ -7,12 +7,13 @@ and weights, :class:`RewardRunner` scores batches with failure isolation, and
 :func:`detect_loops` finds repetition loops in token ids.
 """
 
+from align.loops import LoopCoverage, LoopParams, LoopReport, LoopSpan, detect_loops, loop_coverage
+
 from .accuracy import AnswerAccuracy, MissingColumnError, math_accuracy, task_accuracy
 from .answers import answers_match, extract_answer, normalize_answer, parse_number
 from .formats import RegexFormat, answer_phrase_format, answer_tag_format, boxed_format, think_answer_format
 from .length import SoftOverlongPunishment
 from .loop_reward import LoopPenalty, loop_penalty
-from .loops import LoopCoverage, LoopParams, LoopReport, LoopSpan, detect_loops, loop_coverage
 from .registry import (
     BoundReward,
     RewardSpec,

@@ -1,4 +1,4 @@
-"""``loop_penalty``: a reward built on :func:`~align.rewards.loops.detect_loops`.
+"""``loop_penalty``: a reward built on :func:`~align.loops.detect_loops`.
 
 With ``f`` the loop fraction of a completion (share of its tokens inside loop spans):
 
@@ -17,8 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from ._text import as_id_lists, completion_text, whitespace_ids
-from .loops import (
+from align.loops import (
     DEFAULT_COUNTER_MIN_PERIOD,
     DEFAULT_K_COUNTER,
     DEFAULT_K_MIN,
@@ -27,6 +26,8 @@ from .loops import (
     LoopParams,
     loop_coverage,
 )
+
+from ._text import as_id_lists, completion_text, whitespace_ids
 
 __all__ = ["LoopPenalty", "loop_penalty"]
 
@@ -38,7 +39,7 @@ class LoopPenalty:
 
     Args:
         p_max, k_min, min_span, k_counter, counter_min_period: detection parameters (see
-            :func:`~align.rewards.loops.detect_loops`).
+            :func:`~align.loops.detect_loops`).
         pad_ids: EOS/pad ids whose trailing run is not part of the completion.
         ignore_ids: ids that cannot form a loop on their own (e.g. whitespace tokens).
         shaping: ``"linear"`` or ``"threshold"``.

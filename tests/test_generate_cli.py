@@ -9,7 +9,7 @@ import pytest
 import torch
 from align.data.tokenizer import build_word_tokenizer, save_tokenizer
 
-from align.generate_cli import add_generate_parser, run_generate
+from align.cli.generate import add_generate_parser, run_generate
 from align.models import LLaDAModelLM, tiny_llada_config
 from align.sampling import generate
 

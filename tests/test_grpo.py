@@ -131,7 +131,7 @@ def test_completion_loss_mask_eos_fill_and_truncation():
 def test_skipping_zero_advantage_completions_leaves_the_gradient_unchanged():
     # without a KL term the trainer scores only completions with A_i != 0 (MaskPlan.restricted_to); the loss
     # and its gradient must be those of scoring every completion
-    from align.likelihood import draw_coupled_masks, evaluate
+    from align.likelihood import draw_coupled_masks, score_plan
     from align.models import LLaDAModelLM, tiny_llada_config
     from align.trainers.grpo_math import aggregate, clipped_surrogate
 
@@ -146,7 +146,7 @@ def test_skipping_zero_advantage_completions_leaves_the_gradient_unchanged():
 
     def loss_and_grad(p):
         model.zero_grad()
-        logp = evaluate(model, p).token_logp[:, P:]
+        logp = score_plan(model, p).token_logp[:, P:]
         per_tok, _ = clipped_surrogate(logp, logp.detach(), A[:, None], 0.2, 0.2)
         loss = aggregate(per_tok, resp[:, P:], "grpo", L)
         loss.backward()

@@ -23,22 +23,22 @@ from align.likelihood import (
     draw_one_step_masks,
     draw_trace_masks,
     elbo,
-    evaluate,
     exact_elbo,
     exact_masked_sums,
     join_prompt_completion,
-    mask_generator,
     one_step,
+    score_plan,
     trace,
 )
-from align.likelihood_exact import (
+from align.likelihood.exact import (
     coupled_expectation,
     elbo_from_masked_sums,
     elbo_mask_weight,
     quadrature_expectation,
 )
-from align.likelihood_masks import gauss_legendre_01
+from align.likelihood.masks import gauss_legendre_01
 from align.models import LLaDAModelLM, tiny_llada_config
+from align.rng import make_generator
 
 VOCAB = 32
 
@@ -161,9 +161,9 @@ def test_ragged_batch_is_unbiased_per_sequence(model):
 def test_same_plan_gives_identical_values_and_unit_ratio(model, estimator, settings):
     ids, attn, resp = _batch()
     plan = draw_masks(ids, resp, estimator=estimator, generator=5, attention_mask=attn, **settings)
-    cur = evaluate(model, plan)                      # with grad (current policy)
+    cur = score_plan(model, plan)                      # with grad (current policy)
     with torch.no_grad():
-        old = evaluate(model, plan)                  # no grad (old policy)
+        old = score_plan(model, plan)                  # no grad (old policy)
     assert torch.equal(cur.seq_logp.detach(), old.seq_logp)
     assert torch.equal(cur.token_logp.detach(), old.token_logp)
     ratio = torch.exp(cur.token_logp - old.token_logp)
@@ -177,7 +177,7 @@ def test_generators_control_the_masks():
     c = draw_elbo_masks(ids, resp, attention_mask=attn, generator=2, num_samples=8)
     assert torch.equal(a.masked, b.masked) and torch.equal(a.coef, b.coef)
     assert not torch.equal(a.masked, c.masked)
-    g1, g2, g3 = mask_generator(7, 3, 0), mask_generator(7, 3, 0), mask_generator(7, 3, 1)
+    g1, g2, g3 = make_generator(7, 3, 0), make_generator(7, 3, 0), make_generator(7, 3, 1)
     x1, x2, x3 = (torch.rand(16, generator=g) for g in (g1, g2, g3))
     assert torch.equal(x1, x2) and not torch.equal(x1, x3)
     with pytest.raises(InvalidSettingError):
@@ -202,7 +202,7 @@ def test_one_step_masks_completion_and_noises_prompt(model):
     assert plan.masked[resp].all() and torch.equal(plan.coef, resp.float())
     rate = plan.masked[~resp].double().mean().item()
     assert abs(rate - 0.15) < 4 * math.sqrt(0.15 * 0.85 / (B * P))
-    est = evaluate(model, plan)
+    est = score_plan(model, plan)
     assert est.token_logp.shape == (B, P + L)
     assert torch.equal(est.token_logp[resp], est.position_logp[resp])
     assert est.token_logp[~resp].abs().max() == 0
@@ -217,7 +217,7 @@ def test_coupled_pair_covers_each_token_once(model):
     assert ((t >= 0.2) & (t <= 0.8)).all() and torch.allclose(plan.t[2::3], 1 - t)
     assert torch.allclose(plan.coef[1::3], p1.float() * 0.5 / t[:, None])
     assert torch.allclose(plan.coef[2::3], p2.float() * 0.5 / (1 - t[:, None]))
-    est = evaluate(model, plan)
+    est = score_plan(model, plan)
     pl = est.position_logp
     w = torch.where(p1, 1 / t[:, None], 1 / (1 - t[:, None]))
     manual = 0.5 * (pl[0::3] + w * (pl[1::3] + pl[2::3]))     # ½[log f(full) + w_k log f(pass)]
@@ -254,7 +254,7 @@ def test_trace_views_are_the_samplers_states(model):
             r = b * 6 + s
             assert torch.equal(plan.masked[r], state[b] == mask_id)
             assert torch.equal(plan.coef[r] != 0, resp[b] & (commit[b] == s))
-    est = evaluate(model, plan)
+    est = score_plan(model, plan)
     with torch.no_grad():
         manual = torch.zeros(2)
         for s, state in enumerate(states):
@@ -287,7 +287,7 @@ def test_restricted_plan_skips_sequences_and_keeps_the_others(model):
     ids, attn, resp = _batch()
     plan = draw_coupled_masks(ids, resp, attention_mask=attn, generator=6)
     keep = torch.tensor([False, True])
-    full, part = evaluate(model, plan), evaluate(model, plan.restricted_to(keep))
+    full, part = score_plan(model, plan), score_plan(model, plan.restricted_to(keep))
     assert torch.equal(part.token_logp[0], torch.zeros_like(part.token_logp[0]))
     assert torch.allclose(part.token_logp[1], full.token_logp[1], atol=1e-6)
     with pytest.raises(ShapeMismatchError):
@@ -343,7 +343,7 @@ def test_gradients_are_finite_and_nonzero(model, estimator, settings):
     ids, attn, resp = _batch()
     model.zero_grad()
     plan = draw_masks(ids, resp, estimator=estimator, generator=2, attention_mask=attn, **settings)
-    evaluate(model, plan).seq_logp.sum().backward()
+    score_plan(model, plan).seq_logp.sum().backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
     assert model.get_output_embeddings().weight.grad.abs().sum() > 0
@@ -355,8 +355,8 @@ def test_micro_batching_and_chunking_match_one_batch(model):
     ids, attn, resp = _batch()
     plan = draw_elbo_masks(ids, resp, attention_mask=attn, generator=8, num_samples=5)
     with torch.no_grad():
-        one = evaluate(model, plan)
-        micro = evaluate(model, plan, micro_batch_size=3, chunk_size=2)
+        one = score_plan(model, plan)
+        micro = score_plan(model, plan, micro_batch_size=3, chunk_size=2)
     assert torch.allclose(one.seq_logp, micro.seq_logp, atol=1e-5)
     assert torch.allclose(one.token_logp, micro.token_logp, atol=1e-5)
     assert torch.allclose(one.row_logp, micro.row_logp, atol=1e-5)
@@ -368,7 +368,7 @@ def test_linear_backend_matches_head_backend(model):
     grads = []
     for backend in ("head", "linear"):
         model.zero_grad()
-        est = evaluate(model, plan, backend=backend)
+        est = score_plan(model, plan, backend=backend)
         est.seq_logp.sum().backward()
         grads.append((est.seq_logp.detach(), model.get_output_embeddings().weight.grad.clone()))
     model.zero_grad()
@@ -394,7 +394,7 @@ def test_all_empty_rows_still_backpropagate(model):
     ids, attn, resp = _batch()
     plan = draw_elbo_masks(ids, resp, attention_mask=attn, generator=0, sampler="t")
     plan = dataclasses.replace(plan, coef=torch.zeros_like(plan.coef))
-    est = evaluate(model, plan)
+    est = score_plan(model, plan)
     assert torch.equal(est.seq_logp.detach(), torch.zeros(2))
     est.seq_logp.sum().backward()
     model.zero_grad()
@@ -424,7 +424,7 @@ def test_named_errors_for_bad_inputs(model):
     with pytest.raises(InvalidSettingError):
         draw_coupled_masks(ids, resp, generator=0, t_min=0.8, t_max=0.2)
     with pytest.raises(InvalidSettingError):
-        evaluate(model, draw_one_step_masks(ids, resp, generator=0), micro_batch_size=0)
+        score_plan(model, draw_one_step_masks(ids, resp, generator=0), micro_batch_size=0)
     with pytest.raises(EmptyResponseError):
         exact_elbo(model, ids[0, :3], ids[0, :0])
 

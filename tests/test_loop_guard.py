@@ -8,8 +8,8 @@ from align.rewards import detect_loops
 from torch import nn
 
 from align.config import ConfigError, load_config
-from align.loop_guard import LoopGuard, LoopGuardConfig, LoopGuardConfigError
 from align.sampling import Remask, SamplingConfigError, generate
+from align.sampling.loop_guard import LoopGuard, LoopGuardConfig, LoopGuardConfigError
 
 V = 64
 MASK, EOS = V - 1, V - 2

@@ -1,4 +1,4 @@
-"""Loop detection (align.rewards.loops) and the loop_penalty reward."""
+"""Loop detection (align.loops) and the loop_penalty reward."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import re
 import pytest
 import torch
 from align.rewards import LoopPenalty, LoopSpan, detect_loops, loop_coverage, loop_penalty
-from align.rewards.loops import LoopParams
+
+from align.loops import LoopParams
 
 PAD = 0
 

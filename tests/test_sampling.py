@@ -12,8 +12,8 @@ from torch import nn
 
 from align.models import LLaDAModelLM, tiny_llada_config
 from align.sampling import SamplingConfigError, generate
-from align.sampling_forward import BlockForward
-from align.sampling_reference import get_num_transfer_tokens, reference_generate
+from align.sampling.forward import BlockForward
+from align.sampling.reference import get_num_transfer_tokens, reference_generate
 
 V = 64
 MASK, EOS, EOT = V - 1, V - 2, V - 3
@@ -143,17 +143,17 @@ def test_random_remasking_is_seeded(model, ragged) -> None:
 
 
 # ------------------------------------------------------------------ temperature, samples, reproducibility
-def test_sampling_is_reproducible_and_num_samples_repeats_rows(model, ragged) -> None:
+def test_sampling_is_reproducible_and_num_generations_repeats_rows(model, ragged) -> None:
     ids, att = ragged
     kw = dict(gen_length=8, block_length=4, steps=8, temperature=1.0)
-    a = generate(model, ids, attention_mask=att, num_samples=2, generator=torch.Generator().manual_seed(0), **kw)
+    a = generate(model, ids, attention_mask=att, num_generations=2, generator=torch.Generator().manual_seed(0), **kw)
     b = generate(model, ids.repeat_interleave(2, 0), attention_mask=att.repeat_interleave(2, 0),
                  generator=torch.Generator().manual_seed(0), **kw)
-    c = generate(model, ids, attention_mask=att, num_samples=2, generator=torch.Generator().manual_seed(1), **kw)
+    c = generate(model, ids, attention_mask=att, num_generations=2, generator=torch.Generator().manual_seed(1), **kw)
     assert a.sequences.shape == (6, 14)
     assert torch.equal(a.sequences, b.sequences) and not torch.equal(a.sequences, c.sequences)
     assert not torch.equal(a.completion_ids[0], a.completion_ids[1])  # samples of one prompt differ
-    greedy = generate(model, ids, attention_mask=att, num_samples=3, gen_length=8, block_length=4, steps=8)
+    greedy = generate(model, ids, attention_mask=att, num_generations=3, gen_length=8, block_length=4, steps=8)
     assert torch.equal(greedy.sequences[0], greedy.sequences[2])
     assert generate(model, ids, attention_mask=att, **kw).sequences.shape == (3, 14)  # generator=None works
 
@@ -374,7 +374,7 @@ def test_on_commit_hook_can_remask_the_current_block(model, ragged) -> None:
         ({"cache": "full"}, "cache"),
         ({"temperature": -0.5}, "temperature"),
         ({"eos_policy": "truncate"}, "eos_policy"),
-        ({"num_samples": 0}, "num_samples"),
+        ({"num_generations": 0}, "num_generations"),
         ({"mask_id": V + 5}, "mask_id"),
         ({"attention_mask": torch.tensor([[1, 1, 0]])}, "left padded"),
     ],

@@ -34,10 +34,9 @@ import torch
 from accelerate.utils import DistributedType
 from transformers import Trainer
 
-from align.evaluate import completion_lengths
-from align.likelihood import LikelihoodEstimate, draw_masks, evaluate
-from align.loop_guard import LoopGuardConfig
+from align.likelihood import LikelihoodEstimate, draw_masks, score_plan
 from align.rng import make_generator
+from align.sampling import LoopGuardConfig, completion_lengths
 from align.trainers.grpo_config import GRPOOptions
 from align.trainers.grpo_math import aggregate, clipped_surrogate, constant_groups, group_advantages, k3_kl
 from align.trainers.sft import CompleteMarker, NonFiniteGuard
@@ -144,9 +143,9 @@ class DiffusionGRPOTrainer(Trainer):
             return None
         policy = self._policy()
         if self.ref_model is not None:
-            return evaluate(self.ref_model, plan)
+            return score_plan(self.ref_model, plan)
         with policy.disable_adapter():  # LoRA: the reference is the base model
-            return evaluate(_base(policy), plan)
+            return score_plan(_base(policy), plan)
 
     @torch.no_grad()
     def _rollout(self, inputs: dict[str, Any], cycle: int, micro: int) -> Rollout:
@@ -170,7 +169,7 @@ class DiffusionGRPOTrainer(Trainer):
             self._metrics["rollout/loop_guard_rows"].append(guard.stats["rows"] / len(ids))
         P, L = ids.shape[1], o.max_completion_length
         comp = out.sequences[:, P:]
-        lengths = completion_lengths(comp, self.stop_ids)              # tokens before the first stop
+        lengths = completion_lengths(comp, self.stop_ids)[0]            # tokens before the first stop
         has_stop = lengths < L
         comp_mask = completion_loss_mask(lengths, L, eos_fill_in_loss=o.eos_fill_in_loss,
                                          mask_truncated=o.mask_truncated_completions)
@@ -200,7 +199,7 @@ class DiffusionGRPOTrainer(Trainer):
             # A_i = 0 contributes nothing to the loss without a KL term: score only the completions with a
             # non-zero advantage (the others cost no forward pass); aggregation still counts every completion
             drawn = [p.restricted_to(A != 0) for p in drawn]
-        old_by = {j: evaluate(_base(policy), drawn[j]) for j in sorted({k % n_plans for k in range(1, mu)})}
+        old_by = {j: score_plan(_base(policy), drawn[j]) for j in sorted({k % n_plans for k in range(1, mu)})}
         ref_by = [self._ref_scores(p) for p in drawn]
         plans = [drawn[k % n_plans] for k in range(mu)]
         old = [None] + [old_by[k % n_plans] for k in range(1, mu)]
@@ -247,7 +246,7 @@ class DiffusionGRPOTrainer(Trainer):
     def _policy_loss(self, model: torch.nn.Module, ro: Rollout, k: int) -> torch.Tensor:
         o = self.options
         scorer = _ForwardShim(model, _base(self._policy())) if _base(self._policy()) is not model else model
-        cur = evaluate(scorer, ro.plans[k])
+        cur = score_plan(scorer, ro.plans[k])
         old, ref = ro.old[k], ro.ref[k]
         eps_hi = o.epsilon if o.epsilon_high is None else o.epsilon_high
         P, A = ro.prompt_len, ro.advantages

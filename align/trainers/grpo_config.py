@@ -24,7 +24,7 @@ class GRPOOptions:
         max_completion_length: generated tokens per completion (the sampler's ``gen_length``).
         steps, block_length, temperature, remasking, threshold, cache, cfg_scale: rollout sampler settings
             (:func:`align.sampling.generate`).
-        loop_guard: decode-time loop guard of the rollouts (:class:`align.loop_guard.LoopGuardConfig`).
+        loop_guard: decode-time loop guard of the rollouts (:class:`align.sampling.loop_guard.LoopGuardConfig`).
         estimator: ``one_step`` (diffu-GRPO), ``coupled`` (coupled-GRPO), ``elbo`` (ELBO-GRPO) or ``trace``
             (TraceRL: each token scored in the context its rollout decoded it in).
         estimator_args: keyword arguments of the estimator's mask draw (``p_mask_prompt``; ``t_min``/``t_max``;

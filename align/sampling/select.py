@@ -150,7 +150,9 @@ def finish_rows(
     return newly
 
 
-def completion_lengths(gen: torch.Tensor, stop_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row: number of tokens before the first stop token, and whether a stop token occurs."""
-    is_stop = torch.isin(gen, stop_ids)
+def completion_lengths(gen: torch.Tensor, stop_ids: torch.Tensor | list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of ``gen`` ``[R, L]``: the number of tokens before the first stop token (``L`` when there is
+    none), and whether a stop token occurs."""
+    stops = torch.as_tensor(stop_ids, dtype=gen.dtype, device=gen.device)
+    is_stop = torch.isin(gen, stops)
     return first_index(is_stop, gen.shape[1]), is_stop.any(dim=1)

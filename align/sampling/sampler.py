@@ -6,7 +6,7 @@ masked positions: hidden states once, output head on the gathered positions), th
 its confidence come from one fused pass over the vocabulary (:mod:`align.kernels.sampling_step`),
 the per-row top-k is a batched rank, and rows that have nothing left to decode drop out of the
 network's batch. Exact mode (``cache=None, threshold=None``) commits the same tokens as LLaDA's
-reference at ``T = 0`` (see :mod:`align.sampling_reference`); threshold decoding and the block KV
+reference at ``T = 0`` (see :mod:`align.sampling.reference`); threshold decoding and the block KV
 caches trade exactness for speed. See ``docs/sampling.md``.
 """
 
@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from align.sampling_forward import BlockForward
-from align.sampling_select import (
+from align.sampling.forward import BlockForward
+from align.sampling.select import (
     CONFIDENCE_OF_REMASKING,
     completion_lengths,
     finish_rows,
@@ -40,7 +40,7 @@ class SamplingConfigError(ValueError):
 
 @dataclass
 class GenerationOutput:
-    """Result of :func:`generate` for ``R = batch · num_samples`` rows.
+    """Result of :func:`generate` for ``R = batch · num_generations`` rows.
 
     Attributes:
         sequences: ``[R, P + L]`` prompt (left padding kept) followed by the completion.
@@ -108,7 +108,7 @@ OnCommit = Callable[[SamplerState], "torch.Tensor | Remask | None"]
 
 
 def _validate(model, prompt_ids, attention_mask, gen_length, steps, block_length, temperature, remasking,
-              cfg_scale, threshold, cache, eos_policy, num_samples, backend) -> None:
+              cfg_scale, threshold, cache, eos_policy, num_generations, backend) -> None:
     def bad(msg: str) -> SamplingConfigError:
         return SamplingConfigError(msg)
 
@@ -124,7 +124,7 @@ def _validate(model, prompt_ids, attention_mask, gen_length, steps, block_length
         if (am[:, 1:] < am[:, :-1]).any():
             raise bad("attention_mask must be left padded (zeros before the prompt, ones after)")
     for name, value in (("gen_length", gen_length), ("steps", steps), ("block_length", block_length),
-                        ("num_samples", num_samples)):
+                        ("num_generations", num_generations)):
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise bad(f"{name} must be a positive integer, got {value!r}")
     if gen_length % block_length:
@@ -180,7 +180,7 @@ def generate(
     eos_token_id: int | None = None,
     eot_token_id: int | None = None,
     eos_policy: str = "none",
-    num_samples: int = 1,
+    num_generations: int = 1,
     generator: torch.Generator | None = None,
     on_commit: OnCommit | None = None,
     backend: str = "auto",
@@ -209,7 +209,7 @@ def generate(
             split. ``None`` = LLaDA's schedule: a block with ``m`` masks and ``s`` steps commits
             ``m // s`` per step, plus one in the first ``m % s`` steps.
         cache: ``None`` or ``"none"`` (exact), ``"prefix"`` or ``"dual"`` block KV caches (approximate, refreshed
-            once per block; see :mod:`align.sampling_forward`).
+            once per block; see :mod:`align.sampling.forward`).
         mask_id: the mask token ``M``; default ``model.mask_token_id``.
         logits_eos_inf: never choose EOS (its logit is set to ``−∞``).
         confidence_eos_eot_inf: give EOS/EOT zero confidence, exactly as LLaDA's reference does:
@@ -220,12 +220,12 @@ def generate(
             ``"stop"``: a row is finished once EOS/EOT is committed with every position before it
             decoded; the rest of the row is then filled with EOS, the row leaves the batch, and
             decoding stops early once every row is finished (``nfe`` counts only steps taken).
-        num_samples: ``G`` samples per prompt; rows are repeated ``G`` times in place, so output row
+        num_generations: ``G`` samples per prompt; rows are repeated ``G`` times in place, so output row
             ``b·G + g`` is sample ``g`` of prompt ``b`` (passing repeated prompts is equivalent).
         generator: the source of all randomness (Gumbel noise, random remasking); default: a fresh
             generator with a non-deterministic seed. Pass one for reproducible rollouts.
         on_commit: optional hook ``on_commit(state: SamplerState) -> Tensor | Remask | None`` called
-            after every step (e.g. :class:`align.loop_guard.LoopGuard`). It may return a ``[R, L]`` bool
+            after every step (e.g. :class:`align.sampling.loop_guard.LoopGuard`). It may return a ``[R, L]`` bool
             tensor of positions to remask, or a :class:`Remask` that also down-weights the token each
             remasked position held; positions must lie in the current block; requests are honoured
             during the first ``steps_per_block − 1`` steps of a block (so every block still ends) and
@@ -238,7 +238,7 @@ def generate(
     """
     cache = None if cache == "none" else cache
     _validate(model, prompt_ids, attention_mask, gen_length, steps, block_length, temperature, remasking,
-              cfg_scale, threshold, cache, eos_policy, num_samples, backend)
+              cfg_scale, threshold, cache, eos_policy, num_generations, backend)
     vocab = int(model.config.vocab_size)
     mask_id = _token_id(model.mask_token_id if mask_id is None else mask_id, "mask_id", vocab)
     eos_id = _token_id(model.config.eos_token_id if eos_token_id is None else eos_token_id, "eos_token_id", vocab)
@@ -254,9 +254,9 @@ def generate(
         raise SamplingConfigError("a shifted-logit model needs a non-empty prompt")
 
     device = prompt_ids.device
-    if num_samples > 1:
-        prompt_ids = prompt_ids.repeat_interleave(num_samples, dim=0)
-        attention_mask = None if attention_mask is None else attention_mask.repeat_interleave(num_samples, dim=0)
+    if num_generations > 1:
+        prompt_ids = prompt_ids.repeat_interleave(num_generations, dim=0)
+        attention_mask = None if attention_mask is None else attention_mask.repeat_interleave(num_generations, dim=0)
     R, P = prompt_ids.shape
     L, Lb = gen_length, block_length
     x = torch.full((R, P + L), mask_id, dtype=torch.long, device=device)

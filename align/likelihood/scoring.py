@@ -11,7 +11,7 @@ surrogates together with their per-token contributions:
   decoded it (needs the rollout's ``commit_step``).
 
 Draws and evaluation are separate: :func:`draw_masks` (or ``draw_*_masks``) returns a :class:`MaskPlan`
-that holds every random choice, and :func:`evaluate` scores a plan under a model. Evaluating one plan
+that holds every random choice, and :func:`score_plan` scores a plan under a model. Evaluating one plan
 under θ, θ_old and the reference shares the (t, mask) draws (VRPO's antithetic sharing), so
 ``B̂_θ − B̂_ref`` loses most of its Monte Carlo noise and the importance ratio at the first inner
 iteration is exactly 1. Use ``torch.no_grad()`` around old / reference evaluations.
@@ -31,52 +31,14 @@ import torch
 from torch import nn
 
 from align.kernels.logprob import DEFAULT_CHUNK_SIZE, head_log_probs, linear_log_probs
-from align.likelihood_exact import exact_elbo, exact_masked_sums
-from align.likelihood_masks import (
-    ESTIMATORS,
-    SAMPLERS,
-    EmptyResponseError,
+from align.likelihood.masks import (
     InvalidSettingError,
-    LikelihoodError,
     MaskPlan,
-    ShapeMismatchError,
-    UnknownEstimatorError,
-    check_estimator_args,
     draw_coupled_masks,
     draw_elbo_masks,
-    draw_masks,
     draw_one_step_masks,
     draw_trace_masks,
-    join_prompt_completion,
-    mask_generator,
 )
-
-__all__ = [
-    "ESTIMATORS",
-    "SAMPLERS",
-    "EmptyResponseError",
-    "InvalidSettingError",
-    "LikelihoodError",
-    "LikelihoodEstimate",
-    "MaskPlan",
-    "ShapeMismatchError",
-    "UnknownEstimatorError",
-    "check_estimator_args",
-    "coupled",
-    "draw_coupled_masks",
-    "draw_elbo_masks",
-    "draw_masks",
-    "draw_one_step_masks",
-    "draw_trace_masks",
-    "elbo",
-    "evaluate",
-    "exact_elbo",
-    "exact_masked_sums",
-    "join_prompt_completion",
-    "mask_generator",
-    "one_step",
-    "trace",
-]
 
 Backend = Literal["head", "linear"]
 
@@ -127,7 +89,7 @@ def _linear_log_probs_checked(model: nn.Module, h: torch.Tensor, y: torch.Tensor
     return linear_log_probs(h, weight, y, bias, logit_scale=scale)
 
 
-def evaluate(model: nn.Module, plan: MaskPlan, *, micro_batch_size: int | None = None,
+def score_plan(model: nn.Module, plan: MaskPlan, *, micro_batch_size: int | None = None,
              chunk_size: int = DEFAULT_CHUNK_SIZE, backend: Backend = "head") -> LikelihoodEstimate:
     """Score ``plan`` under ``model``: ``B̂(y_b|x_b) = Σ_r Σ_i coef[r, i] · log f_θ(y_i | x, z_r)_i``.
 
@@ -195,20 +157,20 @@ def evaluate(model: nn.Module, plan: MaskPlan, *, micro_batch_size: int | None =
 
 def one_step(model: nn.Module, input_ids: torch.Tensor, response_mask: torch.Tensor, *,
              generator: torch.Generator | int, attention_mask: torch.Tensor | None = None,
-             p_mask_prompt: float = 0.15, **evaluate_kwargs: object) -> LikelihoodEstimate:
+             p_mask_prompt: float = 0.15, **score_kwargs: object) -> LikelihoodEstimate:
     """diffu-GRPO (d1) estimate: ``token_logp[b, k] = log f_θ(y_k | x̃, M…M)_k`` (one forward pass).
 
-    Draws with :func:`draw_one_step_masks` and scores with :func:`evaluate` (``evaluate_kwargs``).
+    Draws with :func:`draw_one_step_masks` and scores with :func:`score_plan` (``score_kwargs``).
     """
     plan = draw_one_step_masks(input_ids, response_mask, generator=generator, attention_mask=attention_mask,
                                p_mask_prompt=p_mask_prompt)
-    return evaluate(model, plan, **evaluate_kwargs)
+    return score_plan(model, plan, **score_kwargs)
 
 
 def coupled(model: nn.Module, input_ids: torch.Tensor, response_mask: torch.Tensor, *,
             generator: torch.Generator | int, attention_mask: torch.Tensor | None = None,
             t_min: float = 0.2, t_max: float = 0.8, full_mask_view: bool = True,
-            **evaluate_kwargs: object) -> LikelihoodEstimate:
+            **score_kwargs: object) -> LikelihoodEstimate:
     """Coupled-GRPO (DiffuCoder) estimate: ``½[log f(y_k | full mask) + w_k log f(y_k | coupled pass)]``.
 
     ``w_k = 1/t`` for tokens masked in pass 1 (``U < t``), ``1/(1−t)`` in pass 2; see
@@ -216,13 +178,13 @@ def coupled(model: nn.Module, input_ids: torch.Tensor, response_mask: torch.Tens
     """
     plan = draw_coupled_masks(input_ids, response_mask, generator=generator, attention_mask=attention_mask,
                               t_min=t_min, t_max=t_max, full_mask_view=full_mask_view)
-    return evaluate(model, plan, **evaluate_kwargs)
+    return score_plan(model, plan, **score_kwargs)
 
 
 def elbo(model: nn.Module, input_ids: torch.Tensor, response_mask: torch.Tensor, *,
          generator: torch.Generator | int, attention_mask: torch.Tensor | None = None,
          sampler: str = "l_stratified", num_samples: int = 1, n_nodes: int = 2, eps: float = 0.0,
-         **evaluate_kwargs: object) -> LikelihoodEstimate:
+         **score_kwargs: object) -> LikelihoodEstimate:
     """ELBO estimate of ``log π(y|x)`` with ``num_samples`` masked views per sequence in one batch.
 
     ``sampler``: ``"t"`` (``B = E_t E_z[(1/t) Σ_{z_i=M} log f]``), ``"l_stratified"``
@@ -231,12 +193,12 @@ def elbo(model: nn.Module, input_ids: torch.Tensor, response_mask: torch.Tensor,
     """
     plan = draw_elbo_masks(input_ids, response_mask, generator=generator, attention_mask=attention_mask,
                            sampler=sampler, num_samples=num_samples, n_nodes=n_nodes, eps=eps)
-    return evaluate(model, plan, **evaluate_kwargs)
+    return score_plan(model, plan, **score_kwargs)
 
 
 def trace(model: nn.Module, input_ids: torch.Tensor, response_mask: torch.Tensor, *, commit_step: torch.Tensor,
           attention_mask: torch.Tensor | None = None, num_views: int = 4,
-          **evaluate_kwargs: object) -> LikelihoodEstimate:
+          **score_kwargs: object) -> LikelihoodEstimate:
     """Trajectory estimate (TraceRL): ``Σ_v Σ_{i in chunk v} log f_θ(y_i | x, z_{e_v})_i``.
 
     ``commit_step`` is the rollout's record of when each position was decoded; see :func:`draw_trace_masks`.
@@ -244,4 +206,4 @@ def trace(model: nn.Module, input_ids: torch.Tensor, response_mask: torch.Tensor
     """
     plan = draw_trace_masks(input_ids, response_mask, commit_step=commit_step, attention_mask=attention_mask,
                             num_views=num_views)
-    return evaluate(model, plan, **evaluate_kwargs)
+    return score_plan(model, plan, **score_kwargs)

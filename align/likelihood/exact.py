@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from align.kernels.logprob import head_log_probs
-from align.likelihood_masks import EmptyResponseError, InvalidSettingError, ShapeMismatchError, gauss_legendre_01
+from align.likelihood.masks import EmptyResponseError, InvalidSettingError, ShapeMismatchError, gauss_legendre_01
 
 __all__ = [
     "coupled_expectation",

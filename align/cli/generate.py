@@ -154,9 +154,9 @@ def _device_and_dtype(args: argparse.Namespace) -> tuple[torch.device, torch.dty
 
 def run_generate(args: argparse.Namespace) -> int:
     """Run ``dlm-align generate``; returns the exit status (2 for bad input or settings)."""
-    from align.evaluate import completion_lengths, left_pad, stop_token_ids
-    from align.loop_guard import LoopGuardConfig
-    from align.sampling import SamplingConfigError, generate
+    from align.data.collator import left_pad
+    from align.evaluate import stop_token_ids
+    from align.sampling import LoopGuardConfig, SamplingConfigError, completion_lengths, generate
 
     try:
         prompts = read_prompts(args.prompts, args.prompt)
@@ -192,18 +192,18 @@ def run_generate(args: argparse.Namespace) -> int:
                 remasking=args.remasking, cfg_scale=args.cfg_scale, threshold=args.threshold, cache=args.cache,
                 mask_id=args.mask_id, logits_eos_inf=args.logits_eos_inf,
                 confidence_eos_eot_inf=args.confidence_eos_eot_inf, eos_token_id=eos, eot_token_id=eot,
-                eos_policy=args.eos_policy, num_samples=args.num_samples, generator=generator, backend=args.backend,
+                eos_policy=args.eos_policy, num_generations=args.num_generations, generator=generator, backend=args.backend,
                 on_commit=(guard := guard_cfg.build(stops)),
             )
             total_nfe += out.nfe
             guard_rows += guard.stats["rows"] if guard is not None else 0
             comp = out.completion_ids.cpu()
-            lengths = completion_lengths(comp, stops)
+            lengths = completion_lengths(comp, stops)[0]
             for r in range(comp.shape[0]):
-                index = s + r // args.num_samples
+                index = s + r // args.num_generations
                 records.append({
                     "prompt_index": index,
-                    "sample": r % args.num_samples,
+                    "sample": r % args.num_generations,
                     "prompt": prompts[index],
                     "completion": tokenizer.decode(comp[r, : lengths[r]].tolist(), skip_special_tokens=True),
                     "completion_length": int(lengths[r]),
@@ -215,7 +215,7 @@ def run_generate(args: argparse.Namespace) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     elapsed = time.perf_counter() - start
-    _print(records, len(prompts), args.num_samples)
+    _print(records, len(prompts), args.num_generations)
     if args.output:
         out_path = Path(args.output)
         out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -229,13 +229,13 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print(records: list[dict[str, Any]], num_prompts: int, num_samples: int) -> None:
-    if num_prompts == 1 and num_samples == 1:
+def _print(records: list[dict[str, Any]], num_prompts: int, num_generations: int) -> None:
+    if num_prompts == 1 and num_generations == 1:
         print(records[0]["completion"])
         return
     for rec in records:
         tag = f"prompt {rec['prompt_index'] + 1}/{num_prompts}"
-        if num_samples > 1:
-            tag += f", sample {rec['sample'] + 1}/{num_samples}"
+        if num_generations > 1:
+            tag += f", sample {rec['sample'] + 1}/{num_generations}"
         print(f"--- {tag} ---")
         print(rec["completion"])

@@ -1,6 +1,6 @@
 """Decode-time loop guard: an ``on_commit`` hook that undoes commitments closing a repetition loop.
 
-After every denoising step the guard runs :func:`align.rewards.loop_coverage` on the partly decoded
+After every denoising step the guard runs :func:`align.loops.loop_coverage` on the partly decoded
 completions (still-masked positions match nothing, trailing EOS/pad runs are cut). A token committed in
 this step that lies inside a loop span *closed* the loop: the guard asks the sampler to remask it and to
 lower the logit of the token it held there by ``penalty`` (``logit_v − λ·[v = rejected]``), so the next
@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
-from align.rewards.loops import LoopParams, loop_coverage
-from align.sampling import Remask, SamplerState
+from align.loops import LoopParams, loop_coverage
+from align.sampling.sampler import Remask, SamplerState
 
 __all__ = ["LoopGuard", "LoopGuardConfig", "LoopGuardConfigError"]
 
@@ -41,7 +41,7 @@ class LoopGuardConfig:
         enabled: turn the guard on.
         penalty: ``λ``, subtracted from the logit of a rejected token at its position (``0`` = only remask).
         max_remasks: times one position may be remasked before the guard lets it stand.
-        detection: keyword arguments of :func:`align.rewards.loop_coverage` (``p_max``, ``k_min``,
+        detection: keyword arguments of :func:`align.loops.loop_coverage` (``p_max``, ``k_min``,
             ``min_span``, ``k_counter``, ``counter_min_period``); the same defaults as the loop reward.
     """
 

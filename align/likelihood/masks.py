@@ -18,7 +18,6 @@ the ids' device, so a plan is the same on every device.
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -89,7 +88,7 @@ class MaskPlan:
     def restricted_to(self, keep: torch.Tensor) -> MaskPlan:
         """The same plan with the coefficients of sequences outside ``keep`` (``[B]`` bool) set to zero.
 
-        :func:`align.likelihood.evaluate` skips rows with nothing to score, so those sequences cost no forward
+        :func:`align.likelihood.score_plan` skips rows with nothing to score, so those sequences cost no forward
         pass and their estimates are 0; the draws of the kept sequences are unchanged.
         """
         keep = keep.to(device=self.coef.device, dtype=torch.bool)
@@ -102,17 +101,6 @@ class MaskPlan:
         return replace(self, **{name: getattr(self, name).to(device) for name in
                                 ("input_ids", "attention_mask", "response_mask", "row_seq", "masked",
                                  "coef", "t")})
-
-
-def mask_generator(seed: int, *keys: int) -> torch.Generator:
-    """A CPU generator seeded from ``(seed, *keys)``, e.g. ``(seed, step, inner_iteration)``.
-
-    The keys are hashed, so nearby tuples give unrelated streams; the global RNG is never touched.
-    """
-    digest = hashlib.blake2b(repr((int(seed), *map(int, keys))).encode(), digest_size=8).digest()
-    gen = torch.Generator(device="cpu")
-    gen.manual_seed(int.from_bytes(digest, "little") & ((1 << 63) - 1))
-    return gen
 
 
 def _as_generator(generator: torch.Generator | int | None) -> torch.Generator:

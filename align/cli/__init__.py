@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_cp)
 
     try:
-        from align.generate_cli import add_generate_parser
+        from align.cli.generate import add_generate_parser
     except ImportError:  # pragma: no cover - the sampler is part of the package
         add_generate_parser = None
     if add_generate_parser is not None:

@@ -24,14 +24,9 @@ from __future__ import annotations
 
 import torch
 
+from align.models.adapters import positions_from_mask
+
 KVList = list[tuple[torch.Tensor, torch.Tensor]]
-
-
-def positions_from_mask(attention_mask: torch.Tensor | None, batch: int, length: int, device) -> torch.Tensor:
-    """RoPE positions ``cumsum(mask) − 1`` (clamped at 0), or ``0..T−1`` without a mask."""
-    if attention_mask is None:
-        return torch.arange(length, device=device).expand(batch, length)
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 class BlockForward:
@@ -108,7 +103,10 @@ class BlockForward:
         if self.cache is None:
             h = self.model.hidden_states(ids, attention_mask=attn)
             return h[:, lo : lo + block_end - block_start]
-        pos = positions_from_mask(attn, ids.shape[0], T, x.device)
+        if attn is None:
+            pos = torch.arange(T, device=x.device).expand(ids.shape[0], T)
+        else:
+            pos = positions_from_mask(attn)
         if refresh:
             return self._refresh(ids, attn, pos, lo, block_end, sel, 2 * R if self.cfg else R)
         kv, ctx_mask = self._cached_rows(sel)
