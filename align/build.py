@@ -1,58 +1,27 @@
 """Build the model and tokenizer a recipe asks for, with an optional LoRA adapter.
 
-``model.path`` may be a local checkpoint directory or ``builtin:<name>`` for a checkpoint shipped in the
-package (``data/checkpoints/<name>``); ``model.init_config`` builds a randomly initialised native LLaDA
-model instead. ``builtin:arithmetic`` as tokenizer builds the embedded word-level tokenizer.
+``model.path`` and ``model.tokenizer`` are resolved by :mod:`align.models.resolve` (the one place that
+turns a name into a directory): ``builtin:<name>`` for a checkpoint shipped in the package
+(``data/checkpoints/<name>``), a local checkpoint directory, or a Hugging Face Hub id
+``org/name[@revision]`` (from the local cache when ``HF_HUB_OFFLINE=1``). ``model.init_config`` builds
+a randomly initialised native LLaDA model instead. ``builtin:arithmetic`` as tokenizer builds the
+embedded word-level tokenizer.
 """
 
 from __future__ import annotations
 
 import logging
-from importlib import resources
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from align.config import ConfigError, ModelConfig, PeftConfig
+from align.models.resolve import DTYPES
+from align.models.resolve import load_tokenizer as build_tokenizer
+
+__all__ = ["apply_lora", "build_model", "build_model_and_tokenizer", "build_tokenizer"]
 
 logger = logging.getLogger(__name__)
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def builtin_checkpoints() -> list[str]:
-    """Names of the checkpoints shipped with the package."""
-    root = resources.files("align.data") / "checkpoints"
-    if not root.is_dir():
-        return []
-    return sorted(p.name for p in root.iterdir() if p.is_dir() and (p / "config.json").is_file())
-
-
-def resolve_model_path(path: str) -> str:
-    """Turn ``builtin:<name>`` into the shipped directory; check that a local directory exists."""
-    if path.startswith("builtin:"):
-        name = path.split(":", 1)[1]
-        root = resources.files("align.data") / "checkpoints" / name
-        if not (root / "config.json").is_file():
-            raise FileNotFoundError(f"no built-in checkpoint {name!r}; available: {builtin_checkpoints()}. "
-                                    f"Rebuild it with: dlm-align run quickstart-pretrain")
-        return str(root)
-    if not Path(path).is_dir():
-        raise FileNotFoundError(f"model directory not found: {path}")
-    return path
-
-
-def build_tokenizer(spec: str) -> Any:
-    """Load a tokenizer directory, or build the embedded one for ``builtin:arithmetic``."""
-    if spec == "builtin:arithmetic":
-        from align.data.task import corpus_for_tokenizer
-        from align.data.tokenizer import build_word_tokenizer
-
-        return build_word_tokenizer(corpus_for_tokenizer())
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(resolve_model_path(spec))
 
 
 def build_model(cfg: ModelConfig, *, vocab_size: int | None = None) -> torch.nn.Module:
@@ -61,7 +30,7 @@ def build_model(cfg: ModelConfig, *, vocab_size: int | None = None) -> torch.nn.
 
     dtype = DTYPES[cfg.dtype]
     if cfg.path is not None:
-        model = load_model(resolve_model_path(cfg.path), dtype=dtype, mask_token_id=cfg.mask_token_id,
+        model = load_model(cfg.path, dtype=dtype, mask_token_id=cfg.mask_token_id,
                            attn_implementation=cfg.attn_implementation)
     else:
         fields = dict(cfg.init_config or {})

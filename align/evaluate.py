@@ -75,7 +75,7 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, prompts: list[Any], answers
     """
     from align.loops import detect_loops
     from align.rewards.answers import answers_match, extract_answer, gold_answer
-    from align.sampling import LoopGuardConfig, completion_lengths, generate
+    from align.sampling import completion_lengths, generate
 
     if len(prompts) != len(answers):
         raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
@@ -83,7 +83,7 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, prompts: list[Any], answers
     model.eval()
     device = next(model.parameters()).device
     stops = stop_token_ids(tokenizer)
-    guard_cfg = LoopGuardConfig.from_dict(cfg.loop_guard, "eval.loop_guard")
+    guard_cfg = cfg.loop_guard_config()
     gen = torch.Generator(device="cpu").manual_seed(seed)
     samples: list[dict[str, Any]] = []
     nfe = 0
@@ -91,9 +91,7 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, prompts: list[Any], answers
         chunk = prompts[s:s + cfg.batch_size]
         rows = [encode_prompt(tokenizer, p, use_chat_template=use_chat_template) for p in chunk]
         ids, att = left_pad(rows, tokenizer.pad_token_id)
-        out = generate(model, ids.to(device), attention_mask=att.to(device), gen_length=cfg.gen_length,
-                       steps=cfg.steps, block_length=cfg.block_length, temperature=cfg.temperature,
-                       remasking=cfg.remasking, cfg_scale=cfg.cfg_scale, threshold=cfg.threshold, cache=cfg.cache,
+        out = generate(model, ids.to(device), attention_mask=att.to(device), **cfg.generate_kwargs(),
                        generator=gen, on_commit=guard_cfg.build(stops))
         nfe += int(out.nfe)
         comp = out.sequences[:, ids.shape[1]:].cpu()

@@ -1,4 +1,4 @@
-"""Loop detection on token ids (algorithms.md §6).
+"""Loop detection on token ids (``docs/concepts.md`` §6).
 
 A *loop* is a span in which a p-gram (1 <= p <= p_max) repeats k >= k_min times in a row, exactly;
 the *loop fraction* is the share of the completion's tokens covered by such spans. Trailing

@@ -1,4 +1,4 @@
-"""Forward process of masked diffusion and the SFT objective (algorithms.md section 1).
+"""Forward process of masked diffusion and the SFT objective (``docs/concepts.md`` §1).
 
 Per sequence b draw ``t_b ~ U(t_min, t_max)`` and set ``p_mask_b = (1 - ε)·t_b + ε``; each response token
 is replaced by the mask token ``M`` independently with probability ``p_mask_b``; the prompt is never

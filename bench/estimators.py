@@ -1,4 +1,4 @@
-"""Variance of ELBO estimators of ``B_θ − B_ref`` at equal forward passes (algorithms.md §2, §4).
+"""Variance of ELBO estimators of ``B_θ − B_ref`` at equal forward passes (``docs/concepts.md`` §2, §4).
 
 A tiny random-init LLaDA plays θ; the reference is the same weights with a small relative Gaussian
 perturbation. For each estimator and budget ``n`` (rows per sequence per model), ``--reps`` independent

@@ -24,7 +24,6 @@ from pathlib import Path
 
 import torch
 
-from align.build import resolve_model_path
 from align.likelihood import draw_masks, score_plan
 from align.models import load_model
 from align.trainers.grpo_math import aggregate, clipped_surrogate
@@ -90,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    model = load_model(resolve_model_path(args.model), dtype=torch.float32).train()
+    model = load_model(args.model, dtype=torch.float32).train()
     vocab = int(model.config.vocab_size)
     ids, resp, commit, A = make_batch(args, vocab, torch.Generator().manual_seed(args.seed))
     P, L = args.prompt_length, args.completion_length

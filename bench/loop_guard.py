@@ -18,9 +18,9 @@ import time
 from pathlib import Path
 
 import torch
-from align.data.task import arithmetic_dataset
 
 from align.config import EvalConfig
+from align.data.task import arithmetic_dataset
 from align.evaluate import evaluate
 from align.models import load_model_and_tokenizer
 

@@ -26,8 +26,9 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from align.rewards import LoopPenalty, detect_loops, loop_coverage
 from trl.rewards import get_repetition_penalty_reward
+
+from align.rewards import LoopPenalty, detect_loops, loop_coverage
 
 sys.path.insert(0, str(Path(__file__).parent))
 from make_loop_set import EOS_ID, build_vocab, generate, tokenize

@@ -80,7 +80,7 @@ def measure(fn, device: torch.device):
 
 # ---------------------------------------------------------------------------------------------- models
 def train_briefly(model, tok, examples, gen_length: int, steps: int, seed: int) -> None:
-    """Masked-diffusion SFT (algorithms.md §1): mask completion tokens with p = (1−ε)t + ε, loss CE / p."""
+    """Masked-diffusion SFT (``docs/concepts.md`` §1): mask completion tokens with p = (1−ε)t + ε, loss CE / p."""
     from align.data.formatting import encode_pair
 
     pairs = [encode_pair(tok, e["prompt"], e["completion"], use_chat_template=True) for e in examples]

@@ -1,6 +1,7 @@
-"""Batch tokenised prompt/completion pairs for masked-diffusion SFT.
+"""Batching tokenised rows: prompt/completion pairs for masked-diffusion SFT (:class:`SFTCollator`), and
+left-padded prompts for rollouts and evaluation (:func:`left_pad`, :class:`PromptCollator`).
 
-Each row becomes ``prompt_ids + completion_ids`` followed by EOS padding on the right, as in LLaDA's SFT
+SFT batches: each row becomes ``prompt_ids + completion_ids`` followed by EOS padding on the right, as in LLaDA's SFT
 recipe. ``eos_train`` says how many of the trailing padding EOS tokens are training targets:
 
 * ``"all"`` (LLaDA): every padding EOS is a target and is attended; the model learns to stop, and tends
@@ -87,3 +88,16 @@ def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
             ids[i, P - len(r):] = torch.as_tensor(r)
             att[i, P - len(r):] = 1
     return ids, att
+
+
+class PromptCollator:
+    """Left-pad tokenised prompts (``prompt_ids``, ``prompt_mask``); pass every raw column through as ``rows``
+    (rewards read them)."""
+
+    def __init__(self, pad_token_id: int) -> None:
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        ids, att = left_pad([f["prompt_ids"] for f in features], self.pad_token_id)
+        rows = [{k: v for k, v in f.items() if k not in ("prompt_ids", "completion_ids")} for f in features]
+        return {"prompt_ids": ids, "prompt_mask": att, "rows": rows}

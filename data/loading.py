@@ -12,9 +12,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from datasets import Dataset, DatasetDict, load_dataset
+
 from align.data.formatting import ColumnNames, DataFormatError, detect_format, encode_pair, split_row
 from align.data.task import ArithmeticTaskSpec, arithmetic_dataset
-from datasets import Dataset, DatasetDict, load_dataset
 
 logger = logging.getLogger(__name__)
 

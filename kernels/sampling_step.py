@@ -3,7 +3,7 @@
 For each row ``z`` of a ``[N, V]`` logits tensor this computes
 
 * the chosen token ``x0``: ``argmax_v z_v`` at temperature ``T = 0``, or the Gumbel-max sample
-  ``argmax_v (z_v / T + g_v)`` with ``g_v = −log(−log U_v)``, ``U_v ~ U(0, 1)`` (algorithms.md §5),
+  ``argmax_v (z_v / T + g_v)`` with ``g_v = −log(−log U_v)``, ``U_v ~ U(0, 1)`` (``docs/concepts.md`` §5),
   which is distributed exactly as ``softmax(z / T)``;
 * its confidence, always measured on the untempered distribution ``p = softmax(z)`` as in LLaDA's
   reference sampler:
@@ -339,6 +339,10 @@ def sample_step_triton(
     return SampleStepOutput(tokens.reshape(lead), conf.reshape(lead))
 
 
+#: implementations of :func:`sample_step` (``auto``: Triton on CUDA when available, torch otherwise).
+BACKENDS = ("auto", "torch", "triton")
+
+
 def sample_step(
     logits: torch.Tensor,
     *,
@@ -370,10 +374,10 @@ def sample_step(
     """
     if backend == "auto":
         use_triton = logits.device.type == "cuda" and triton_available(logits.device)
-    elif backend in ("torch", "triton"):
+    elif backend in BACKENDS:
         use_triton = backend == "triton"
     else:
-        raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if use_triton:
         return sample_step_triton(logits, temperature=temperature, generator=generator, seed=seed,
                                   confidence=confidence, exclude_token=exclude_token)

@@ -21,13 +21,21 @@ from .registry import (
     UnknownRewardError,
     available_rewards,
     build_rewards,
+    check_reward_specs,
     parse_reward_spec,
     register_reward,
     resolve_reward,
     reward_name,
 )
 from .reward_model import SequenceClassificationReward
-from .runner import RewardAbortError, RewardFunctionError, RewardOutput, RewardRunner, RewardStats
+from .runner import (
+    RewardAbortError,
+    RewardFunctionError,
+    RewardOutput,
+    RewardRunner,
+    RewardStats,
+    check_runner_settings,
+)
 from .steps import StepAccuracy, equations
 
 __all__ = [
@@ -57,6 +65,8 @@ __all__ = [
     "available_rewards",
     "boxed_format",
     "build_rewards",
+    "check_reward_specs",
+    "check_runner_settings",
     "detect_loops",
     "equations",
     "extract_answer",

@@ -158,6 +158,10 @@ class ProcessCaller:
         self._kill()
 
 
+#: how a reward function is called: in the training process, in a thread (timeouts), or in a child process.
+ISOLATIONS = ("none", "thread", "process")
+
+
 def make_caller(func: Any, isolation: str, context: str | None = None) -> DirectCaller | ThreadCaller | ProcessCaller:
     """The caller for an isolation mode: ``"none"``, ``"thread"`` or ``"process"``."""
     if isolation == "none":
@@ -166,4 +170,4 @@ def make_caller(func: Any, isolation: str, context: str | None = None) -> Direct
         return ThreadCaller(func)
     if isolation == "process":
         return ProcessCaller(func, context)
-    raise ValueError(f"isolation must be 'none', 'thread' or 'process', got {isolation!r}")
+    raise ValueError(f"isolation must be one of {ISOLATIONS}, got {isolation!r}")

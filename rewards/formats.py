@@ -2,7 +2,7 @@
 
 Every pattern is compiled with ``re.DOTALL`` so that ``.`` crosses newlines: reasoning spans many
 lines, and a pattern without DOTALL silently scores every multi-line completion as malformed
-(algorithms.md §8).
+(``docs/concepts.md`` §8).
 """
 
 from __future__ import annotations

@@ -38,6 +38,7 @@ __all__ = [
     "UnknownRewardError",
     "available_rewards",
     "build_rewards",
+    "check_reward_specs",
     "parse_reward_spec",
     "register_reward",
     "resolve_reward",
@@ -47,6 +48,8 @@ __all__ = [
 RewardFunction = Callable[..., list]
 CALL_PARAMS = frozenset({"prompts", "completions", "completion_ids"})
 RUNNER_KEYS = frozenset({"on_error", "timeout_s"})
+#: what happens to a sample whose reward failed: left out (``skip``), scored 0 (``zero``), or the run stops.
+POLICIES = ("skip", "zero", "abort")
 
 
 class RewardSpecError(ValueError):
@@ -122,9 +125,10 @@ class BoundReward:
         return f"BoundReward({self.__name__!r}, {self.kwargs})"
 
 
-def _build(name: str, target: Callable[..., Any], factory: bool, kwargs: Mapping[str, Any]) -> RewardFunction:
+def _check_arguments(name: str, target: Callable[..., Any], factory: bool, kwargs: Mapping[str, Any]) -> None:
+    """Check ``kwargs`` against the factory's (or the bound function's) signature without calling it."""
+    named, _ = _params(target)
     if factory:
-        named, _ = _params(target)
         unknown = [k for k in kwargs if k not in named or k == "self"]
         if unknown:
             raise RewardSpecError(f"reward {name!r}: unknown argument(s) {unknown}; it accepts {sorted(named)}")
@@ -134,6 +138,16 @@ def _build(name: str, target: Callable[..., Any], factory: bool, kwargs: Mapping
             raise RewardSpecError(f"reward {name!r}: {e}") from e
         except ValueError:
             pass  # no introspectable signature
+        return
+    allowed = sorted(set(named) - CALL_PARAMS)
+    unknown = [k for k in kwargs if k not in allowed]
+    if kwargs and unknown:
+        raise RewardSpecError(f"reward {name!r}: unknown argument(s) {unknown}; it accepts {allowed}")
+
+
+def _build(name: str, target: Callable[..., Any], factory: bool, kwargs: Mapping[str, Any]) -> RewardFunction:
+    _check_arguments(name, target, factory, kwargs)
+    if factory:
         try:
             reward = target(**kwargs)
         except (TypeError, ValueError) as e:
@@ -141,35 +155,34 @@ def _build(name: str, target: Callable[..., Any], factory: bool, kwargs: Mapping
         if not callable(reward):
             raise RewardSpecError(f"reward {name!r}: the factory returned {type(reward).__name__}, not a callable")
         return reward
-    if not kwargs:
-        return target
-    named, _ = _params(target)
-    allowed = sorted(set(named) - CALL_PARAMS)
-    unknown = [k for k in kwargs if k not in allowed]
-    if unknown:
-        raise RewardSpecError(f"reward {name!r}: unknown argument(s) {unknown}; it accepts {allowed}")
-    return BoundReward(target, kwargs)
+    return BoundReward(target, kwargs) if kwargs else target
 
 
-def resolve_reward(name: str, **kwargs: Any) -> RewardFunction:
-    """The reward callable for a registered ``name`` or ``"module:attr"`` import path, built with ``kwargs``."""
+def _target(name: str) -> tuple[Callable[..., Any], bool]:
+    """The callable a reward name refers to, and whether it is a factory."""
     if name in _REGISTRY:
         entry = _REGISTRY[name]
         target = _import(entry.target, name) if isinstance(entry.target, str) else entry.target
-        return _build(name, target, entry.factory, kwargs)
+        return target, entry.factory
     if ":" in name:
         target = _import(name, name)
         if inspect.isclass(target):
-            return _build(name, target, True, kwargs)
+            return target, True
         if inspect.isfunction(target) or inspect.ismethod(target) or isinstance(target, functools.partial):
             named, _ = _params(target)
-            return _build(name, target, not (CALL_PARAMS & set(named)), kwargs)
-        return _build(name, target, False, kwargs)
+            return target, not (CALL_PARAMS & set(named))
+        return target, False
     close = difflib.get_close_matches(name, list(_REGISTRY), n=3)
     hint = f"; did you mean {close}?" if close else ""
     raise UnknownRewardError(
         f"unknown reward {name!r}{hint} Registered: {available_rewards()}, or use 'package.module:callable'"
     )
+
+
+def resolve_reward(name: str, **kwargs: Any) -> RewardFunction:
+    """The reward callable for a registered ``name`` or ``"module:attr"`` import path, built with ``kwargs``."""
+    target, factory = _target(name)
+    return _build(name, target, factory, kwargs)
 
 
 @dataclass(frozen=True)
@@ -201,8 +214,8 @@ def parse_reward_spec(spec: RewardSpec | Mapping[str, Any] | str) -> RewardSpec:
     if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0):
         raise RewardSpecError(f"reward {name!r}: timeout_s must be a positive number, got {timeout!r}")
     on_error = spec.get("on_error")
-    if on_error is not None and on_error not in ("skip", "zero", "abort"):
-        raise RewardSpecError(f"reward {name!r}: on_error must be 'skip', 'zero' or 'abort', got {on_error!r}")
+    if on_error is not None and on_error not in POLICIES:
+        raise RewardSpecError(f"reward {name!r}: on_error must be one of {', '.join(POLICIES)}, got {on_error!r}")
     kwargs = {k: v for k, v in spec.items() if k not in {"name", "weight"} | RUNNER_KEYS}
     return RewardSpec(name, float(weight), kwargs, on_error, None if timeout is None else float(timeout))
 
@@ -215,6 +228,21 @@ def build_rewards(
         raise RewardSpecError("rewards must be a list of entries")
     parsed = [parse_reward_spec(s) for s in specs]
     return [resolve_reward(s.name, **s.kwargs) for s in parsed], [s.weight for s in parsed]
+
+
+def check_reward_specs(specs: Sequence[RewardSpec | Mapping[str, Any] | str]) -> list[RewardSpec]:
+    """Parse recipe entries and check each name and its arguments without building any reward.
+
+    Names are looked up (an import path is imported) and arguments are matched against the signature, so
+    a typo fails at load time while a reward model is only loaded when the trainer builds its rewards.
+    """
+    if isinstance(specs, str | Mapping):
+        raise RewardSpecError("rewards must be a list of entries")
+    parsed = [parse_reward_spec(s) for s in specs]
+    for spec in parsed:
+        target, factory = _target(spec.name)
+        _check_arguments(spec.name, target, factory, spec.kwargs)
+    return parsed
 
 
 def reward_name(func: Any) -> str:

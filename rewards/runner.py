@@ -30,14 +30,20 @@ from typing import Any, Literal
 
 import torch
 
-from ._workers import ProcessCaller, RewardTimeoutError, ThreadCaller, make_caller
-from .registry import RewardFunction, parse_reward_spec, resolve_reward, reward_name
+from ._workers import ISOLATIONS, ProcessCaller, RewardTimeoutError, ThreadCaller, make_caller
+from .registry import POLICIES, RewardFunction, parse_reward_spec, resolve_reward, reward_name
 
-__all__ = ["RewardAbortError", "RewardFunctionError", "RewardOutput", "RewardRunner", "RewardStats"]
+__all__ = [
+    "RewardAbortError",
+    "RewardFunctionError",
+    "RewardOutput",
+    "RewardRunner",
+    "RewardStats",
+    "check_runner_settings",
+]
 
 logger = logging.getLogger(__name__)
 Policy = Literal["skip", "zero", "abort"]
-POLICIES = ("skip", "zero", "abort")
 
 
 class RewardFunctionError(RuntimeError):
@@ -128,20 +134,8 @@ class RewardRunner:
         if len(weights) != F:
             raise ValueError(f"{len(weights)} weights for {F} reward functions")
         self.on_error: list[str] = _per_function(on_error, F, "on_error")
-        for p in self.on_error:
-            if p not in POLICIES:
-                raise ValueError(f"on_error must be one of {POLICIES}, got {p!r}")
         self.timeout_s: list[float | None] = _per_function(timeout_s, F, "timeout_s")
-        if any(t is not None and t <= 0 for t in self.timeout_s):
-            raise ValueError(f"timeout_s must be positive or None, got {self.timeout_s}")
-        if isolation is None:
-            isolation = "thread" if any(t is not None for t in self.timeout_s) else "none"
-        if isolation == "none" and any(t is not None for t in self.timeout_s):
-            raise ValueError("a timeout needs isolation='thread' or 'process'")
-        if max_error_rate is not None and not 0.0 <= max_error_rate <= 1.0:
-            raise ValueError(f"max_error_rate must be in [0, 1] or None, got {max_error_rate}")
-        if min_samples < 1:
-            raise ValueError(f"min_samples must be >= 1, got {min_samples}")
+        isolation = _check_settings(self.on_error, self.timeout_s, isolation, max_error_rate, min_samples)
         raw = list(names) if names is not None else [reward_name(f) for f in funcs]
         if len(raw) != F:
             raise ValueError(f"{len(raw)} names for {F} reward functions")
@@ -275,6 +269,37 @@ class RewardRunner:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _check_settings(on_error: list[str], timeout_s: list[float | None], isolation: str | None,
+                    max_error_rate: float | None, min_samples: int) -> str:
+    """Validate the failure settings; return the isolation mode in effect (``None`` picks one)."""
+    for p in on_error:
+        if p not in POLICIES:
+            raise ValueError(f"on_error must be one of {POLICIES}, got {p!r}")
+    if any(t is not None and t <= 0 for t in timeout_s):
+        raise ValueError(f"timeout_s must be positive or None, got {timeout_s}")
+    if isolation is None:
+        isolation = "thread" if any(t is not None for t in timeout_s) else "none"
+    if isolation not in ISOLATIONS:
+        raise ValueError(f"isolation must be one of {ISOLATIONS}, got {isolation!r}")
+    if isolation == "none" and any(t is not None for t in timeout_s):
+        raise ValueError("a timeout needs isolation='thread' or 'process'")
+    if max_error_rate is not None and not 0.0 <= max_error_rate <= 1.0:
+        raise ValueError(f"max_error_rate must be in [0, 1] or None, got {max_error_rate}")
+    if min_samples < 1:
+        raise ValueError(f"min_samples must be >= 1, got {min_samples}")
+    return isolation
+
+
+def check_runner_settings(*, on_error: str = "skip", timeout_s: float | None = None, isolation: str | None = None,
+                          max_error_rate: float | None = 0.5, min_samples: int = 256,
+                          count_none_as_error: bool = False, mp_context: str | None = None) -> None:
+    """Check a recipe's ``reward_failure`` settings (the keywords of :meth:`RewardRunner.from_specs`) without
+    building a runner; raises ``TypeError`` for an unknown key and ``ValueError`` for a bad value."""
+    if not isinstance(count_none_as_error, bool):
+        raise ValueError(f"count_none_as_error must be true or false, got {count_none_as_error!r}")
+    _check_settings([on_error], [timeout_s], isolation, max_error_rate, min_samples)
 
 
 def _dedupe(names: list[str]) -> list[str]:

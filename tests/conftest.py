@@ -1,4 +1,10 @@
-"""Test-session settings that must be in place before any module imports triton or wandb, and shared fixtures."""
+"""Test-session settings that must be in place before any module imports triton or wandb, and shared fixtures.
+
+Test files mirror the package layout (``tests/align/sampling/`` tests ``align/sampling/``, ``tests/rewards/``
+tests ``align.rewards``, ...) and are imported with ``--import-mode=importlib`` (pyproject.toml), so they cannot
+import each other or this file: shared setup lives here as fixtures. Heavy imports (torch, align) happen inside
+the fixtures, after the environment below is set.
+"""
 
 import os
 
@@ -10,6 +16,11 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# ``init_config`` of the tiny native LLaDA that end-to-end recipes build from scratch (with the
+# ``builtin:arithmetic`` tokenizer, whose mask id is 5 and EOS/pad id 0).
+_TINY_INIT_CONFIG = {"d_model": 32, "n_heads": 2, "n_kv_heads": 2, "n_layers": 2, "mlp_hidden_size": 64,
+                     "max_sequence_length": 128, "mask_token_id": 5, "eos_token_id": 0, "pad_token_id": 0}
+
 
 @pytest.fixture(scope="module")
 def one_thread():
@@ -20,3 +31,57 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def make_tiny_llada():
+    """Factory ``make_tiny_llada(seed=0, **config_overrides)``: a tiny native LLaDA in eval mode.
+
+    The config is ``tiny_llada_config(**config_overrides)`` (vocab 256, d_model 64, 2 layers, 4 heads unless
+    overridden); the weights are initialised right after ``torch.manual_seed(seed)`` inside
+    ``torch.random.fork_rng()``, so the same arguments give the same weights every time and the global RNG of
+    the other tests is left as it was.
+    """
+    import torch
+
+    from align.models import LLaDAModelLM, tiny_llada_config
+
+    def make(seed: int = 0, **overrides) -> LLaDAModelLM:
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            return LLaDAModelLM(tiny_llada_config(**overrides)).eval()
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_init_config():
+    """Factory ``tiny_init_config(**overrides)``: a fresh ``model.init_config`` dict for end-to-end recipes.
+
+    A tiny LLaDA (d_model 32, 2 layers, 2 heads) sized for the ``builtin:arithmetic`` tokenizer (mask 5, EOS 0).
+    """
+
+    def make(**overrides) -> dict:
+        return {**_TINY_INIT_CONFIG, **overrides}
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def save_word_tokenizer():
+    """Factory ``save_word_tokenizer(path, vocab_size, mask_token)``: save a whitespace word-level tokenizer.
+
+    Words ``w0 .. w{vocab_size-2}`` have ids ``0 .. vocab_size-2`` (``w0`` is also the unknown token) and
+    ``mask_token`` is the last id, ``vocab_size - 1``, like a checkpoint directory's tokenizer files.
+    """
+
+    def save(path, vocab_size: int, mask_token: str) -> None:
+        from tokenizers import Tokenizer, models, pre_tokenizers
+        from transformers import PreTrainedTokenizerFast
+
+        vocab = {f"w{i}": i for i in range(vocab_size - 1)} | {mask_token: vocab_size - 1}
+        raw = Tokenizer(models.WordLevel(vocab=vocab, unk_token="w0"))
+        raw.pre_tokenizer = pre_tokenizers.Whitespace()
+        PreTrainedTokenizerFast(tokenizer_object=raw, mask_token=mask_token, unk_token="w0").save_pretrained(path)
+
+    return save

@@ -22,13 +22,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _recipe(tmp_path: Path, extra: dict) -> Path:
+def _recipe(tmp_path: Path, init_config: dict, extra: dict) -> Path:
     raw = {
         "seed": 0, "output_dir": str(tmp_path / "run"), "stages": ["pretrain"],
-        "model": {"init_config": {"d_model": 32, "n_heads": 2, "n_kv_heads": 2, "n_layers": 2, "mlp_hidden_size": 64,
-                                  "max_sequence_length": 128, "mask_token_id": 5, "eos_token_id": 0,
-                                  "pad_token_id": 0},
-                  "tokenizer": "builtin:arithmetic"},
+        "model": {"init_config": init_config, "tokenizer": "builtin:arithmetic"},
         "data": {"task": "arithmetic", "task_args": {"num_train": 64, "num_test": 8, "seed": 0}, "max_length": 128},
         "pretrain": {"max_steps": 3, "per_device_train_batch_size": 4, "learning_rate": 1e-3, "logging_steps": 1,
                      "save_steps": 3, **extra},
@@ -40,9 +37,9 @@ def _recipe(tmp_path: Path, extra: dict) -> Path:
 
 
 @pytest.mark.parametrize("backend", ["ddp", "zero2", "zero3"])
-def test_two_process_training(tmp_path, backend):
+def test_two_process_training(tmp_path, tiny_init_config, backend):
     extra = {} if backend == "ddp" else {"deepspeed": str(RECIPES / f"{backend}.json")}
-    recipe = _recipe(tmp_path, extra)
+    recipe = _recipe(tmp_path, tiny_init_config(), extra)
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
     env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", str(_free_port()), "-m", "align.cli",

@@ -19,15 +19,36 @@ from typing import Any
 import torch
 
 from align.data.formatting import DataFormatError
+from align.models.resolve import DTYPES, builtin_checkpoints
+from align.sampling import BACKENDS, CACHE_MODES, EOS_POLICIES, REMASKING
 
 logger = logging.getLogger(__name__)
 
 EXAMPLES = """examples:
   dlm-align generate --model runs/quickstart/sft/final --prompts prompts.txt
+  dlm-align generate --model builtin:quickstart-base --prompt "What is 7 + 5?" --gen-length 32
+  HF_HUB_OFFLINE=1 dlm-align generate --model GSAI-ML/LLaDA-8B-Instruct --prompt "Hi." --cache dual
   echo "What is 7 + 5?" | dlm-align generate --model ckpt --gen-length 64 --block-length 32
   dlm-align generate --model ckpt --prompts eval.jsonl --threshold 0.9 --cache prefix --output out.jsonl
-  dlm-align generate --model ckpt --prompt "Tell a story." --temperature 0.8 --num-samples 4 --seed 1
+  dlm-align generate --model ckpt --prompt "Tell a story." --temperature 0.8 --num-generations 4 --seed 1
 """
+
+#: ``--cache`` values: the sampler's :data:`~align.sampling.CACHE_MODES`, with None spelled "none".
+CACHE_CHOICES = tuple("none" if mode is None else mode for mode in CACHE_MODES)
+
+#: Flags renamed for one name per concept: old flag -> new flag.
+RENAMED_FLAGS = {"--num-samples": "--num-generations", "--steps": "--denoising-steps"}
+
+
+class _RenamedFlag(argparse.Action):
+    """A hidden old flag: using it stops with an error naming its new name."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any) -> None:
+        kwargs.update(nargs="?", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        parser.error(f"{option_string} was renamed to {RENAMED_FLAGS[option_string]}")
 
 
 def add_generate_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -44,7 +65,11 @@ def add_generate_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     src = p.add_argument_group("input and output")
-    src.add_argument("--model", required=True, help="checkpoint directory (config.json, weights, tokenizer)")
+    shipped = ", ".join(f"builtin:{name}" for name in builtin_checkpoints()) or "none"
+    src.add_argument("--model", required=True, metavar="SPEC",
+                     help="the model: builtin:<name> (shipped: " + shipped + "), a checkpoint directory "
+                          "(config.json, weights, tokenizer), or a Hugging Face Hub id org/name[@revision] "
+                          "(with HF_HUB_OFFLINE=1, from the local cache only); see docs/models.md")
     src.add_argument("--prompts", default=None,
                      help="prompts file: .jsonl with a 'prompt' field per line, otherwise one prompt per line; "
                           "'-' or omitted (without --prompt) reads standard input")
@@ -57,17 +82,17 @@ def add_generate_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
     s.add_argument("--gen-length", type=int, default=128, help="generated tokens per prompt (default 128)")
     s.add_argument("--block-length", type=int, default=32,
                    help="semi-autoregressive block size; divides --gen-length (default 32)")
-    s.add_argument("--steps", type=int, default=None,
+    s.add_argument("--denoising-steps", type=int, default=None,
                    help="total denoising steps, a multiple of the number of blocks (default: --gen-length)")
     s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; >0 samples (default 0)")
-    s.add_argument("--remasking", default="low_confidence", choices=["low_confidence", "random", "margin", "entropy"],
+    s.add_argument("--remasking", default="low_confidence", choices=REMASKING,
                    help="which positions to commit first (default low_confidence)")
     s.add_argument("--threshold", type=float, default=None,
                    help="commit every position with confidence above this (at least one per step)")
-    s.add_argument("--cache", default="none", choices=["none", "prefix", "dual"],
+    s.add_argument("--cache", default="none", choices=CACHE_CHOICES,
                    help="block KV cache: none (exact), prefix or dual (faster, approximate)")
     s.add_argument("--cfg-scale", type=float, default=0.0, help="classifier-free guidance scale w (default 0)")
-    s.add_argument("--eos-policy", default="stop", choices=["none", "stop"],
+    s.add_argument("--eos-policy", default="stop", choices=EOS_POLICIES,
                    help="stop: a row ends once EOS/EOT is committed with everything before it decoded "
                         "(default); none: always decode all --gen-length tokens")
     s.add_argument("--logits-eos-inf", action="store_true", help="never generate EOS")
@@ -79,16 +104,18 @@ def add_generate_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
                    help="logit penalty of a rejected loop token at its position (default 5.0; 0 = only remask)")
     s.add_argument("--loop-guard-max-remasks", type=int, default=2,
                    help="times one position may be remasked by the loop guard (default 2)")
-    s.add_argument("--num-samples", type=int, default=1, help="completions per prompt (default 1)")
+    s.add_argument("--num-generations", type=int, default=1, help="completions per prompt (default 1)")
     s.add_argument("--seed", type=int, default=0, help="seed of the sampler's generator (default 0)")
     s.add_argument("--mask-id", type=int, default=None, help="mask token id (default: from the model config)")
 
     d = p.add_argument_group("device")
     d.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... or auto (default)")
-    d.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+    d.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                    help="model dtype; auto = bfloat16 on CUDA, float32 on CPU")
-    d.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"],
+    d.add_argument("--backend", default="auto", choices=list(BACKENDS),
                    help="sampling-step kernel (auto: Triton on CUDA)")
+    for old in RENAMED_FLAGS:
+        p.add_argument(old, action=_RenamedFlag)
     p.set_defaults(func=run_generate)
     return p
 
@@ -149,7 +176,7 @@ def _device_and_dtype(args: argparse.Namespace) -> tuple[torch.device, torch.dty
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     if args.dtype == "auto":
         return device, torch.bfloat16 if device.type == "cuda" else torch.float32
-    return device, getattr(torch, args.dtype)
+    return device, DTYPES[args.dtype]
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -162,7 +189,7 @@ def run_generate(args: argparse.Namespace) -> int:
         prompts = read_prompts(args.prompts, args.prompt)
         if args.batch_size <= 0:
             raise SamplingConfigError(f"--batch-size must be positive, got {args.batch_size}")
-        from align.models import load_model_and_tokenizer
+        from align.models import load_model_and_tokenizer  # any spec: builtin:<name>, a directory, a Hub id
 
         device, dtype = _device_and_dtype(args)
         model, tokenizer = load_model_and_tokenizer(args.model, dtype=dtype, device=device)
@@ -188,12 +215,13 @@ def run_generate(args: argparse.Namespace) -> int:
             ids, att = left_pad(encoded[s : s + args.batch_size], pad)
             out = generate(
                 model, ids.to(device), attention_mask=att.to(device), gen_length=args.gen_length,
-                steps=args.steps or args.gen_length, block_length=args.block_length, temperature=args.temperature,
-                remasking=args.remasking, cfg_scale=args.cfg_scale, threshold=args.threshold, cache=args.cache,
+                steps=args.denoising_steps or args.gen_length, block_length=args.block_length,
+                temperature=args.temperature, remasking=args.remasking, cfg_scale=args.cfg_scale,
+                threshold=args.threshold, cache=None if args.cache == "none" else args.cache,
                 mask_id=args.mask_id, logits_eos_inf=args.logits_eos_inf,
                 confidence_eos_eot_inf=args.confidence_eos_eot_inf, eos_token_id=eos, eot_token_id=eot,
-                eos_policy=args.eos_policy, num_generations=args.num_generations, generator=generator, backend=args.backend,
-                on_commit=(guard := guard_cfg.build(stops)),
+                eos_policy=args.eos_policy, num_generations=args.num_generations, generator=generator,
+                backend=args.backend, on_commit=(guard := guard_cfg.build(stops)),
             )
             total_nfe += out.nfe
             guard_rows += guard.stats["rows"] if guard is not None else 0

@@ -1,4 +1,4 @@
-"""Mask plans for the sequence-likelihood estimators (algorithms.md sections 2 and 3).
+"""Mask plans for the sequence-likelihood estimators (``docs/concepts.md`` §2 and §3).
 
 A :class:`MaskPlan` holds every random draw of an estimator and nothing that depends on a model:
 which rows (views of a sequence) are evaluated, which positions of each row are replaced by the mask
@@ -259,7 +259,7 @@ def draw_elbo_masks(input_ids: torch.Tensor, response_mask: torch.Tensor, *,
                     generator: torch.Generator | int, attention_mask: torch.Tensor | None = None,
                     sampler: str = "l_stratified", num_samples: int = 1, n_nodes: int = 2,
                     eps: float = 0.0) -> MaskPlan:
-    """ELBO estimators of ``log π(y|x)`` with ``n = num_samples`` rows per sequence (algorithms.md §2).
+    """ELBO estimators of ``log π(y|x)`` with ``n = num_samples`` rows per sequence (``docs/concepts.md`` §2).
 
     * ``"t"``: ``t_j ~ U(0,1)`` (``t = (1−ε)u + ε`` if ``eps > 0``, which truncates the integral), mask each
       response token independently with probability ``t_j``, coefficient ``1/(n·t_j)`` (t-sampled ELBO).

@@ -1,4 +1,4 @@
-"""Sequence-likelihood estimators for masked diffusion models (algorithms.md sections 2–4).
+"""Sequence-likelihood estimators for masked diffusion models (``docs/concepts.md`` §2–§4).
 
 ``log π_θ(y | x)`` is intractable for a masked diffusion model; the estimators here return Monte Carlo
 surrogates together with their per-token contributions:

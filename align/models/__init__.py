@@ -1,4 +1,5 @@
-"""Denoiser models: the native LLaDA architecture, adapters for other denoisers, loading helpers."""
+"""Denoiser models: the native LLaDA architecture, adapters for other denoisers, resolving model names
+(:mod:`align.models.resolve`: ``builtin:<name>``, a directory or a Hub id) and loading helpers."""
 
 from align.models.adapters import (
     DENOISER_KINDS,
@@ -22,15 +23,24 @@ from align.models.loading import (
     check_lora_targets,
     load_model,
     load_model_and_tokenizer,
-    load_tokenizer,
     lora_exclude_modules,
     lora_target_modules,
     read_config_dict,
+)
+from align.models.resolve import (
+    DTYPES,
+    ResolvedModel,
+    builtin_checkpoints,
+    builtin_tokenizers,
+    hub_cache_dir,
+    load_tokenizer,
+    resolve_model,
     resolve_model_dir,
 )
 
 __all__ = [
     "DENOISER_KINDS",
+    "DTYPES",
     "LLADA_LORA_TARGETS",
     "Denoiser",
     "DreamAdapter",
@@ -39,8 +49,12 @@ __all__ = [
     "LLaDAModelLM",
     "LLaDAPreTrainedModel",
     "MaskedLMAdapter",
+    "ResolvedModel",
+    "builtin_checkpoints",
+    "builtin_tokenizers",
     "check_lora_targets",
     "check_mask_token_id",
+    "hub_cache_dir",
     "llada_8b_config",
     "load_denoiser",
     "load_dream",
@@ -51,6 +65,7 @@ __all__ = [
     "lora_target_modules",
     "positions_from_mask",
     "read_config_dict",
+    "resolve_model",
     "resolve_model_dir",
     "shift_right",
     "tiny_llada_config",

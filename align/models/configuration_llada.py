@@ -1,6 +1,6 @@
 """Configuration of the native LLaDA architecture (LLaDA 8B, LLaDA 1.5, iLLaDA).
 
-Reads every field of the released ``config.json`` (algorithms.md §7); values that select code paths this
+Reads every field of the released ``config.json`` (``docs/concepts.md`` §7); values that select code paths this
 implementation lacks are rejected with the field named.
 """
 
@@ -8,7 +8,7 @@ from typing import ClassVar
 
 from transformers import PretrainedConfig
 
-#: LoRA targets that exist in this architecture (algorithms.md §7).
+#: LoRA targets that exist in this architecture (``docs/concepts.md`` §7).
 LLADA_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "attn_out", "ff_proj", "up_proj", "ff_out"]
 
 # Fields of the released config.json whose other values select code paths this implementation lacks.
@@ -198,7 +198,7 @@ def tiny_llada_config(**overrides) -> LLaDAConfig:
 
 
 def llada_8b_config(**overrides) -> LLaDAConfig:
-    """The released LLaDA-8B / LLaDA 1.5 config (algorithms.md §7, the LLaDAConfig defaults).
+    """The released LLaDA-8B / LLaDA 1.5 config (``docs/concepts.md`` §7, the LLaDAConfig defaults).
 
     iLLaDA-8B is the same with ``mask_token_id=5``. ``eot_token_id`` (end of turn, 126348) is not in
     the released file; it is set here for samplers that stop at EOT.

@@ -1,6 +1,6 @@
 """Native LLaDA architecture (LLaDA 8B, LLaDA 1.5, iLLaDA) as a transformers 5 model.
 
-Parameter names and ``config.json`` fields match the released checkpoints (algorithms.md §7), so
+Parameter names and ``config.json`` fields match the released checkpoints (``docs/concepts.md`` §7), so
 ``LLaDAModelLM.from_pretrained(local_dir)`` loads them without their transformers-4 remote code.
 Attention is bidirectional and goes through the library's attention interface (SDPA by default).
 The model exposes ``hidden_states`` and ``head`` separately so callers apply the large output head
@@ -58,6 +58,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x32 * cos + torch.cat((-x2, x1), dim=-1) * sin).to(x.dtype)
 
 
+#: attention implementations a recipe may choose (``model.attn_implementation``).
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
+
+
 def eager_attention_forward(
     module: nn.Module,
     query: torch.Tensor,
@@ -81,7 +85,7 @@ def eager_attention_forward(
 
 
 class LLaDABlock(GradientCheckpointingLayer):
-    """One llama-type block (algorithms.md §7), no causal mask:
+    """One llama-type block (``docs/concepts.md`` §7), no causal mask:
 
     ``h = x + attn_out(Attn(RoPE(q_proj(n)), RoPE(k_proj(n)), v_proj(n)))`` with ``n = attn_norm(x)``;
     ``out = h + ff_out(silu(ff_proj(m)) * up_proj(m))`` with ``m = ff_norm(h)``.
@@ -329,7 +333,7 @@ class LLaDAModelLM(LLaDAPreTrainedModel):
         """Logits ``[B, T, vocab_size]`` for every position (or the ``logits_to_keep`` selection).
 
         ``labels`` (``[B, T]``, -100 = ignore) give a plain token-mean cross-entropy in ``loss``;
-        the diffusion losses of algorithms.md §1-§4 live in the likelihood/trainer modules.
+        the diffusion losses of ``docs/concepts.md`` §1-§4 live in the likelihood/trainer modules.
         ``logits_mask`` (``[B, T]`` bool) returns logits ``[N, vocab_size]`` at its True positions only,
         in row-major order; trainers use it so that DDP/DeepSpeed hooks run while the head is applied only
         where the loss reads it. ``return_hidden=True`` returns no logits and ``hidden_states=(h,)`` with the

@@ -1,8 +1,11 @@
 """Loading LLaDA checkpoints (no remote code) and checking LoRA target names.
 
-Released LLaDA / LLaDA 1.5 / iLLaDA directories carry ``architectures: ["LLaDAModelLM"]`` and an
-``auto_map`` pointing to transformers-4 remote code; both loaders here use the native
-:class:`~align.models.llada.LLaDAModelLM` and never execute code from the checkpoint.
+Models are named as :mod:`align.models.resolve` describes: ``builtin:<name>``, a local directory or a
+Hub id ``org/name[@revision]``; that module is the one place turning a name into a directory (and
+owns :func:`load_tokenizer`, re-exported here). Released LLaDA / LLaDA 1.5 / iLLaDA directories carry
+``architectures: ["LLaDAModelLM"]`` and an ``auto_map`` pointing to transformers-4 remote code; both
+loaders here use the native :class:`~align.models.llada.LLaDAModelLM` and never execute code from the
+checkpoint.
 """
 
 import json
@@ -14,36 +17,12 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from align.models.llada import LLaDAConfig, LLaDAModelLM, check_mask_token_id
+from align.models.resolve import ResolvedModel, load_tokenizer, resolve_model, resolve_model_dir
 
 logger = logging.getLogger(__name__)
-
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.txt", "vocab.json")
-
-
-def resolve_model_dir(path_or_name: str | os.PathLike) -> Path:
-    """Return the local directory of a checkpoint.
-
-    A path that exists locally is used as is. A name shaped like a Hub repo id (``org/name``) is
-    fetched with ``huggingface_hub.snapshot_download`` (the local cache is used when offline).
-    Raises ``FileNotFoundError`` naming the path when neither works, or when the path is a file.
-    """
-    path = Path(path_or_name).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise FileNotFoundError(f"{path}: expected a checkpoint directory, found a file")
-        return path
-    name = str(path_or_name)
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", name) and not name.startswith((".", "/")):
-        from huggingface_hub import snapshot_download
-
-        try:
-            return Path(snapshot_download(name))
-        except Exception as err:  # network, auth and missing-repo errors all mean "not available"
-            raise FileNotFoundError(f"{name}: not a local directory and not available from the Hub ({err})") from err
-    raise FileNotFoundError(f"{name}: checkpoint directory does not exist")
 
 
 def read_config_dict(model_dir: str | os.PathLike) -> dict:
@@ -86,7 +65,7 @@ def check_loading_info(model_dir: str | os.PathLike, info: dict, *, allow_unexpe
 
 
 def load_model(
-    path_or_name: str | os.PathLike,
+    path_or_name: str | os.PathLike | ResolvedModel,
     *,
     dtype: torch.dtype | str | None = None,
     device: str | torch.device | None = None,
@@ -96,14 +75,15 @@ def load_model(
     """Load a LLaDA checkpoint (sharded safetensors with index, or a single file) natively.
 
     Args:
-        path_or_name: checkpoint directory (or a Hub repo id available in the local cache).
+        path_or_name: ``builtin:<name>``, a checkpoint directory or a Hub id ``org/name[@revision]``
+            (see :func:`align.models.resolve.resolve_model`).
         dtype: parameter dtype; None keeps the checkpoint's dtype (``"auto"``).
         device: device to load onto (None: transformers' default, CPU).
         mask_token_id: override of ``config.mask_token_id`` (e.g. 5 for iLLaDA configs lacking it).
         attn_implementation: ``"sdpa"`` (default), ``"eager"`` or a registered attention kernel.
 
     Raises:
-        FileNotFoundError: missing directory or ``config.json``.
+        FileNotFoundError: a spec that does not resolve, or no ``config.json``.
         ValueError: not a LLaDA config, unsupported config values, or weights that do not match.
     """
     model_dir = resolve_model_dir(path_or_name)
@@ -131,33 +111,26 @@ def load_model(
     return model
 
 
-def load_tokenizer(model_dir: str | os.PathLike) -> PreTrainedTokenizerBase:
-    """``AutoTokenizer`` of a checkpoint directory (no remote code); ``FileNotFoundError`` if absent."""
-    model_dir = Path(model_dir)
-    if not any((model_dir / name).is_file() for name in _TOKENIZER_FILES):
-        raise FileNotFoundError(f"{model_dir}: no tokenizer files ({', '.join(_TOKENIZER_FILES)})")
-    return AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
-
-
 def load_model_and_tokenizer(
-    path_or_name: str | os.PathLike,
+    path_or_name: str | os.PathLike | ResolvedModel,
     *,
     dtype: torch.dtype | str | None = None,
     device: str | torch.device | None = None,
     mask_token_id: int | None = None,
     attn_implementation: str | None = None,
 ) -> tuple[LLaDAModelLM, PreTrainedTokenizerBase]:
-    """:func:`load_model` plus the tokenizer of the same directory; warns when the tokenizer
-    has more tokens than the model's ``vocab_size``."""
-    model_dir = resolve_model_dir(path_or_name)
+    """:func:`load_model` plus the tokenizer of the same checkpoint (any spec :func:`load_model` takes);
+    warns when the tokenizer has more tokens than the model's ``vocab_size``."""
+    resolved = resolve_model(path_or_name)
+    model_dir = resolved.path
     model = load_model(
-        model_dir,
+        resolved,
         dtype=dtype,
         device=device,
         mask_token_id=mask_token_id,
         attn_implementation=attn_implementation,
     )
-    tokenizer = load_tokenizer(model_dir)
+    tokenizer: PreTrainedTokenizerBase = load_tokenizer(resolved)
     if len(tokenizer) > model.config.vocab_size:
         logger.warning(
             "%s: tokenizer has %d tokens but the model's vocab_size is %d",
@@ -183,7 +156,7 @@ def linear_leaf_names(module: nn.Module, exclude: nn.Module | None = None) -> li
 def lora_target_modules(model: nn.Module) -> list[str]:
     """LoRA ``target_modules`` for a model or adapter.
 
-    LLaDA: ``q_proj, k_proj, v_proj, attn_out, ff_proj, up_proj, ff_out`` (algorithms.md §7). Note that
+    LLaDA: ``q_proj, k_proj, v_proj, attn_out, ff_proj, up_proj, ff_out`` (``docs/concepts.md`` §7). Note that
     PEFT matches ``ff_out`` by suffix, so the output head ``model.transformer.ff_out`` is included;
     pass :func:`lora_exclude_modules` as ``LoraConfig(exclude_modules=...)`` to leave it out.
     Other models: the adapter's own list, else the names of all linear layers but the output head.

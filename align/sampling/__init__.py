@@ -1,7 +1,7 @@
 """Batched denoising rollouts (``docs/concepts.md`` §5).
 
 * :mod:`align.sampling.sampler` — :func:`generate`, the semi-autoregressive sampler, and its choice lists
-  (:data:`REMASKING`, :data:`CACHE_MODES`, :data:`EOS_POLICIES`).
+  (:data:`REMASKING`, :data:`CACHE_MODES`, :data:`EOS_POLICIES`, :data:`BACKENDS`).
 * :mod:`align.sampling.select` — per-step pieces: candidate scores, how many positions to commit, EOS.
 * :mod:`align.sampling.forward` — the network call of a step, with the block KV caches.
 * :mod:`align.sampling.reference` — LLaDA's released sampler, kept as the reference of exact mode.
@@ -10,6 +10,7 @@
 
 from align.sampling.loop_guard import LoopGuard, LoopGuardConfig, LoopGuardConfigError
 from align.sampling.sampler import (
+    BACKENDS,
     CACHE_MODES,
     EOS_POLICIES,
     REMASKING,
@@ -22,6 +23,7 @@ from align.sampling.sampler import (
 from align.sampling.select import completion_lengths
 
 __all__ = [
+    "BACKENDS",
     "CACHE_MODES",
     "EOS_POLICIES",
     "REMASKING",

@@ -2,7 +2,7 @@
 
 The sampler only needs the final hidden states ``h`` at the current block's positions (the output
 head is applied later, at the still-masked positions only). :class:`BlockForward` produces them
-under three cache modes (algorithms.md §5, Fast-dLLM):
+under three cache modes (``docs/concepts.md`` §5, Fast-dLLM):
 
 * ``None`` (exact): every step runs the network over the whole sequence (prompt + generation).
 * ``"prefix"``: the first step of a block runs the whole sequence and keeps the keys/values of

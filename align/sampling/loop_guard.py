@@ -24,13 +24,14 @@ from typing import Any
 import torch
 
 from align.loops import LoopParams, loop_coverage
+from align.options import FieldError
 from align.sampling.sampler import Remask, SamplerState
 
 __all__ = ["LoopGuard", "LoopGuardConfig", "LoopGuardConfigError"]
 
 
-class LoopGuardConfigError(ValueError):
-    """A loop-guard setting is out of range."""
+class LoopGuardConfigError(FieldError):
+    """A loop-guard setting is out of range (``key`` names it, e.g. ``loop_guard.penalty``)."""
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,7 @@ class LoopGuardConfig:
         known = {"enabled", "penalty", "max_remasks", "detection"}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise LoopGuardConfigError(f"'{where}' has unknown keys {unknown}; expected {sorted(known)}")
+            raise LoopGuardConfigError(where, f"has unknown keys {unknown}; expected {sorted(known)}")
         cfg = cls(**d)
         cfg.validate(where)
         return cfg
@@ -65,21 +66,21 @@ class LoopGuardConfig:
     def validate(self, where: str = "loop_guard") -> None:
         """Raise :class:`LoopGuardConfigError` naming the first bad key."""
         if not isinstance(self.enabled, bool):
-            raise LoopGuardConfigError(f"'{where}.enabled' must be true or false, got {self.enabled!r}")
+            raise LoopGuardConfigError(f"{where}.enabled", f"must be true or false, got {self.enabled!r}")
         if isinstance(self.penalty, bool) or not isinstance(self.penalty, int | float) or not self.penalty >= 0:
-            raise LoopGuardConfigError(f"'{where}.penalty' must be a number >= 0, got {self.penalty!r}")
+            raise LoopGuardConfigError(f"{where}.penalty", f"must be a number >= 0, got {self.penalty!r}")
         if isinstance(self.max_remasks, bool) or not isinstance(self.max_remasks, int) or self.max_remasks < 1:
-            raise LoopGuardConfigError(f"'{where}.max_remasks' must be an int >= 1, got {self.max_remasks!r}")
+            raise LoopGuardConfigError(f"{where}.max_remasks", f"must be an int >= 1, got {self.max_remasks!r}")
         if not isinstance(self.detection, Mapping):
-            raise LoopGuardConfigError(f"'{where}.detection' must be a mapping of loop-detection settings")
+            raise LoopGuardConfigError(f"{where}.detection", "must be a mapping of loop-detection settings")
         bad = sorted(set(self.detection) - set(LoopParams.__dataclass_fields__))
         if bad:
-            raise LoopGuardConfigError(f"'{where}.detection' has unknown keys {bad}; expected "
+            raise LoopGuardConfigError(f"{where}.detection", f"has unknown keys {bad}; expected "
                                        f"{sorted(LoopParams.__dataclass_fields__)}")
         try:
             LoopParams(**self.detection)
         except (TypeError, ValueError) as e:
-            raise LoopGuardConfigError(f"'{where}.detection': {e}") from e
+            raise LoopGuardConfigError(f"{where}.detection", f"is invalid: {e}") from e
 
     def build(self, stop_ids: Sequence[int]) -> LoopGuard | None:
         """A fresh guard for one :func:`~align.sampling.generate` call, or ``None`` when disabled."""

@@ -1,4 +1,4 @@
-"""LLaDA's reference ``generate``, re-implemented from its description (algorithms.md §5).
+"""LLaDA's reference ``generate``, re-implemented from its description (``docs/concepts.md`` §5).
 
 This is the baseline that :func:`align.sampling.generate` is tested and benchmarked against, so it
 deliberately keeps the reference's costs: logits for the whole sequence at every step, a float64

@@ -1,4 +1,4 @@
-"""Batched denoising rollouts for masked diffusion language models (algorithms.md §5).
+"""Batched denoising rollouts for masked diffusion language models (``docs/concepts.md`` §5).
 
 :func:`generate` is LLaDA's semi-autoregressive sampler, rebuilt for throughput: logits are
 computed only at positions that can be committed in the current step (the current block's
@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from align.kernels.sampling_step import BACKENDS
 from align.sampling.forward import BlockForward
 from align.sampling.select import (
     CONFIDENCE_OF_REMASKING,
@@ -27,7 +28,7 @@ from align.sampling.select import (
     transfer_counts,
 )
 
-__all__ = ["GenerationOutput", "Remask", "SamplerState", "SamplingConfigError", "generate"]
+__all__ = ["BACKENDS", "GenerationOutput", "Remask", "SamplerState", "SamplingConfigError", "generate"]
 
 REMASKING = tuple(CONFIDENCE_OF_REMASKING)
 CACHE_MODES = (None, "prefix", "dual")
@@ -146,8 +147,8 @@ def _validate(model, prompt_ids, attention_mask, gen_length, steps, block_length
         raise bad(f"cache={cache!r} needs a model with KV-context support; use cache=None")
     if eos_policy not in EOS_POLICIES:
         raise bad(f"eos_policy must be one of {EOS_POLICIES}, got {eos_policy!r}")
-    if backend not in ("auto", "torch", "triton"):
-        raise bad(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+    if backend not in BACKENDS:
+        raise bad(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
 def _token_id(value, name: str, vocab_size: int) -> int | None:

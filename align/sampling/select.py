@@ -1,6 +1,6 @@
 """Per-step pieces of the sampler: scoring candidate tokens, choosing what to commit, EOS handling.
 
-All functions are batched over rows (no per-row Python loops). Symbols follow algorithms.md §5:
+All functions are batched over rows (no per-row Python loops). Symbols follow ``docs/concepts.md`` §5:
 ``x0`` is the candidate token at a masked position, ``c`` its confidence, ``k`` the number of
 positions committed in a row at this step, ``τ`` the confidence threshold.
 """

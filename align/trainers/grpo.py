@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -36,10 +37,12 @@ from transformers import Trainer
 
 from align.likelihood import LikelihoodEstimate, draw_masks, score_plan
 from align.rng import make_generator
-from align.sampling import LoopGuardConfig, completion_lengths
+from align.sampling import completion_lengths
 from align.trainers.grpo_config import GRPOOptions
 from align.trainers.grpo_math import aggregate, clipped_surrogate, constant_groups, group_advantages, k3_kl
 from align.trainers.sft import CompleteMarker, NonFiniteGuard
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -105,13 +108,29 @@ class DiffusionGRPOTrainer(Trainer):
         reward_runner: calls the reward functions; returns per-function rewards and the weighted total.
         stop_ids: EOS / end-of-turn ids that end a completion.
         seed: base seed of the rollout and mask streams.
-        *args, **kwargs: passed to ``Trainer``; batches come from :class:`PromptCollator`.
+        *args, **kwargs: passed to ``Trainer``; batches come from :class:`~align.data.collator.PromptCollator`.
+
+    ``args.per_device_train_batch_size`` counts completions, as in TRL; the dataloader yields
+    ``per_device_train_batch_size / num_generations`` prompts per micro-batch, and each is sampled
+    ``num_generations`` times. The effective numbers are logged when the trainer is built.
     """
 
     def __init__(self, *args: Any, options: GRPOOptions, reward_runner: Any, stop_ids: list[int], seed: int = 0,
                  **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.options = options
+        completions = self.args.per_device_train_batch_size
+        if completions % options.num_generations:
+            raise ValueError(f"per_device_train_batch_size ({completions}) counts completions and must be a multiple "
+                             f"of num_generations ({options.num_generations})")
+        # the dataloader yields prompts: per_device_train_batch_size / G of them per micro-batch
+        self._train_batch_size = options.prompts_per_device(completions) * max(1, self.args.n_gpu)
+        prompts_per_step = self.get_total_train_batch_size(self.args)
+        logger.info("grpo batch: %d completions per device = %d prompt(s) x %d generations; %d prompt(s) and %d "
+                    "completions per optimizer step (x%d accumulation, %d process(es))", completions,
+                    self._train_batch_size, options.num_generations, prompts_per_step,
+                    prompts_per_step * options.num_generations, self.args.gradient_accumulation_steps,
+                    self.args.world_size)
         self.reward_runner = reward_runner
         self.stop_ids = list(stop_ids)
         self.rl_seed = int(seed)
@@ -120,7 +139,7 @@ class DiffusionGRPOTrainer(Trainer):
         self._metrics: dict[str, list[float]] = defaultdict(list)
         self._samples: list[dict[str, Any]] = []
         self._time = {"rollout": 0.0, "total": 0.0, "tokens": 0.0}
-        self._guard_cfg = LoopGuardConfig.from_dict(options.loop_guard, "grpo.loop_guard")
+        self._guard_cfg = options.loop_guard_config()
         self.ref_model = None
         if options.beta > 0 and not hasattr(self.model, "disable_adapter"):
             self.ref_model = copy.deepcopy(_base(self.model)).eval().requires_grad_(False)
@@ -161,13 +180,11 @@ class DiffusionGRPOTrainer(Trainer):
         att = inputs["prompt_mask"].repeat_interleave(G, 0)
         gen = make_generator(self.rl_seed, cycle, micro, rank, 0)
         guard = self._guard_cfg.build(self.stop_ids)
-        out = generate(_base(policy), ids, attention_mask=att, gen_length=o.max_completion_length, steps=o.steps,
-                       block_length=o.block_length, temperature=o.temperature, remasking=o.remasking,
-                       threshold=o.threshold, cache=o.cache, cfg_scale=o.cfg_scale, generator=gen,
+        out = generate(_base(policy), ids, attention_mask=att, **o.generate_kwargs(), generator=gen,
                        on_commit=guard)
         if guard is not None:
             self._metrics["rollout/loop_guard_rows"].append(guard.stats["rows"] / len(ids))
-        P, L = ids.shape[1], o.max_completion_length
+        P, L = ids.shape[1], o.gen_length
         comp = out.sequences[:, P:]
         lengths = completion_lengths(comp, self.stop_ids)[0]            # tokens before the first stop
         has_stop = lengths < L
@@ -260,7 +277,7 @@ class DiffusionGRPOTrainer(Trainer):
                 kl = k3_kl(logp, ref.token_logp[:, P:])
                 per_tok = per_tok + o.beta * kl
                 m["kl"].append(((kl * mask).sum() / mask.sum().clamp_min(1)).item())
-            loss = aggregate(per_tok, mask, o.loss_type, o.max_completion_length)
+            loss = aggregate(per_tok, mask, o.loss_type, o.gen_length)
             m["clip_ratio"].append(((clipped & mask).sum() / mask.sum().clamp_min(1)).item())
         else:
             n_tok = ro.completion_mask.sum(1).clamp_min(1).to(cur.seq_logp.dtype)

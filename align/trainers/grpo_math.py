@@ -1,8 +1,14 @@
-"""The maths of diffusion GRPO (algorithms.md section 3): advantages, clipped surrogate, KL, aggregation."""
+"""The maths of diffusion GRPO (``docs/concepts.md`` §3): advantages, clipped surrogate, KL, aggregation."""
 
 from __future__ import annotations
 
 import torch
+
+#: ``loss_type`` of :func:`aggregate`.
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo")
+#: ``scale_rewards`` and ``baseline`` of :func:`group_advantages`.
+SCALE_REWARDS = ("group", "batch", "none")
+BASELINES = ("mean", "leave_one_out")
 
 
 def constant_groups(r: torch.Tensor, G: int) -> torch.Tensor:
@@ -67,12 +73,11 @@ def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, A: torch.Tenso
     return -torch.minimum(unclipped, clipped), clipped < unclipped
 
 
-def aggregate(per_token: torch.Tensor, mask: torch.Tensor, loss_type: str, max_completion_length: int
-              ) -> torch.Tensor:
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, loss_type: str, gen_length: int) -> torch.Tensor:
     """Reduce a [N, L] per-token loss over the completion ``mask`` (``loss_type`` of TRL).
 
     grpo: mean over each completion's tokens, then over completions; bnpo: over all tokens of the batch;
-    dr_grpo: sum divided by ``N · max_completion_length``.
+    dr_grpo: sum divided by ``N · gen_length`` (``L``, every generated position).
     """
     m = mask.to(per_token.dtype)
     if loss_type == "grpo":
@@ -80,5 +85,5 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, loss_type: str, max_c
     if loss_type == "bnpo":
         return (per_token * m).sum() / m.sum().clamp_min(1)
     if loss_type == "dr_grpo":
-        return (per_token * m).sum() / (per_token.shape[0] * max_completion_length)
+        return (per_token * m).sum() / (per_token.shape[0] * gen_length)
     raise ValueError(f"unknown loss_type {loss_type!r}")

@@ -17,9 +17,9 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback
 
-from align.config import DiffusionSFTOptions
 from align.masking import forward_process, sft_loss
 from align.rng import derive_seed, make_generator
+from align.trainers.sft_config import DiffusionSFTOptions
 
 logger = logging.getLogger(__name__)
 

@@ -5,13 +5,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from align.rewards import register_reward
 
 from align.config import config_from_dict
 from align.pipeline import run_recipe
-
-TINY = {"d_model": 32, "n_heads": 2, "n_kv_heads": 2, "n_layers": 2, "mlp_hidden_size": 64,
-        "max_sequence_length": 128, "mask_token_id": 5, "eos_token_id": 0, "pad_token_id": 0}
+from align.rewards import register_reward
 
 
 def digit_share(prompts, completions, completion_ids=None, **kwargs):
@@ -29,14 +26,21 @@ def _digit_share_reward():
     registry._REGISTRY.pop("test_digit_share", None)
 
 
-def _recipe(tmp_path: Path, grpo: dict, **top) -> dict:
-    base = {"max_steps": 2, "per_device_train_batch_size": 4, "num_generations": 2, "max_completion_length": 8,
-            "steps": 8, "block_length": 8, "logging_steps": 1, "learning_rate": 1e-2,
-            "rewards": [{"name": "test_digit_share"}, {"name": "task_accuracy", "weight": 2.0}]}
-    return {"seed": 0, "output_dir": str(tmp_path / "run"), "stages": ["grpo"],
-            "model": {"init_config": TINY, "tokenizer": "builtin:arithmetic"},
-            "data": {"task": "arithmetic", "task_args": {"num_train": 32, "num_test": 8, "seed": 0}, "max_length": 128},
-            "grpo": {**base, **grpo}, "eval": {"enabled": False}, **top}
+@pytest.fixture()
+def recipe(tmp_path: Path, tiny_init_config):
+    """``recipe(grpo, **top)``: a raw GRPO recipe for the tiny model, writing under ``tmp_path / "run"``."""
+
+    def make(grpo: dict, **top) -> dict:
+        base = {"max_steps": 2, "per_device_train_batch_size": 4, "num_generations": 2, "gen_length": 8,
+                "denoising_steps": 8, "block_length": 8, "logging_steps": 1, "learning_rate": 1e-2,
+                "rewards": [{"name": "test_digit_share"}, {"name": "task_accuracy", "weight": 2.0}]}
+        return {"seed": 0, "output_dir": str(tmp_path / "run"), "stages": ["grpo"],
+                "model": {"init_config": tiny_init_config(), "tokenizer": "builtin:arithmetic"},
+                "data": {"task": "arithmetic", "task_args": {"num_train": 32, "num_test": 8, "seed": 0},
+                         "max_length": 128},
+                "grpo": {**base, **grpo}, "eval": {"enabled": False}, **top}
+
+    return make
 
 
 def _log(tmp_path: Path) -> list[dict]:
@@ -52,8 +56,8 @@ def _log(tmp_path: Path) -> list[dict]:
     ("elbo", {"estimator_args": {"sampler": "l_stratified", "num_samples": 2}}),
     ("trace", {"estimator_args": {"num_views": 2}}),
 ])
-def test_each_estimator_trains(tmp_path, estimator, extra):
-    raw = _recipe(tmp_path, {"estimator": estimator, "num_iterations": 2, "beta": 0.04, "save_steps": 2, **extra})
+def test_each_estimator_trains(tmp_path, estimator, extra, recipe):
+    raw = recipe({"estimator": estimator, "num_iterations": 2, "beta": 0.04, "save_steps": 2, **extra})
     report = run_recipe(config_from_dict(raw))
     assert "grpo" in report["stages"]
     from align.models import load_model
@@ -71,9 +75,9 @@ def test_each_estimator_trains(tmp_path, estimator, extra):
     assert lines and {"prompt", "completion", "reward", "advantage", "column/answer"} <= set(json.loads(lines[0]))
 
 
-def test_lora_with_accumulation_and_reference(tmp_path):
-    raw = _recipe(tmp_path, {"gradient_accumulation_steps": 2, "beta": 0.1, "num_iterations": 1, "save_steps": 2},
-                  peft={"r": 4, "lora_alpha": 8})
+def test_lora_with_accumulation_and_reference(tmp_path, recipe):
+    raw = recipe({"gradient_accumulation_steps": 2, "beta": 0.1, "num_iterations": 1, "save_steps": 2},
+                 peft={"r": 4, "lora_alpha": 8})
     run_recipe(config_from_dict(raw))
     assert (tmp_path / "run" / "grpo" / "adapter" / "adapter_config.json").exists()
     assert (tmp_path / "run" / "grpo" / "final" / "config.json").exists()
@@ -81,8 +85,8 @@ def test_lora_with_accumulation_and_reference(tmp_path):
     assert [r["step"] for r in logs if "loss" in r] == [1, 2]
 
 
-def test_resume_continues_the_run(tmp_path):
-    raw = _recipe(tmp_path, {"save_steps": 2, "num_iterations": 1})
+def test_resume_continues_the_run(tmp_path, recipe):
+    raw = recipe({"save_steps": 2, "num_iterations": 1})
     run_recipe(config_from_dict(raw))
     raw["grpo"]["max_steps"] = 4
     (tmp_path / "run" / "report.json").unlink()  # the stage is not finished yet: train it further
@@ -91,24 +95,24 @@ def test_resume_continues_the_run(tmp_path):
     assert [r["step"] for r in logs if "loss" in r] == [1, 2, 3, 4]
 
 
-def test_bad_grpo_settings_are_named(tmp_path):
+def test_bad_grpo_settings_are_named(tmp_path, recipe):
     from align.config import ConfigError
 
     with pytest.raises(ConfigError, match="per_device_train_batch_size"):
-        config_from_dict(_recipe(tmp_path, {"per_device_train_batch_size": 5}))
+        config_from_dict(recipe({"per_device_train_batch_size": 5}))
     with pytest.raises(ConfigError, match=r"'grpo\.loss_type'"):
-        config_from_dict(_recipe(tmp_path, {"loss_type": "sum"}))
+        config_from_dict(recipe({"loss_type": "sum"}))
     with pytest.raises(ConfigError, match=r"grpo\.rewards"):
-        config_from_dict(_recipe(tmp_path, {"rewards": [{"name": "no_such_reward"}]}))
+        config_from_dict(recipe({"rewards": [{"name": "no_such_reward"}]}))
     with pytest.raises(ConfigError, match=r"grpo\.estimator_args"):
-        config_from_dict(_recipe(tmp_path, {"estimator": "elbo", "estimator_args": {"sampler": "bogus"}}))
+        config_from_dict(recipe({"estimator": "elbo", "estimator_args": {"sampler": "bogus"}}))
     with pytest.raises(ConfigError, match=r"'grpo\.negative_advantage_scale'"):
-        config_from_dict(_recipe(tmp_path, {"negative_advantage_scale": 1.5}))
+        config_from_dict(recipe({"negative_advantage_scale": 1.5}))
 
 
-def test_negative_advantage_scale_zero_keeps_only_positive_advantages(tmp_path):
-    raw = _recipe(tmp_path, {"negative_advantage_scale": 0.0, "max_steps": 3, "save_steps": 3,
-                             "rewards": [{"name": "test_digit_share"}]})
+def test_negative_advantage_scale_zero_keeps_only_positive_advantages(tmp_path, recipe):
+    raw = recipe({"negative_advantage_scale": 0.0, "max_steps": 3, "save_steps": 3,
+                  "rewards": [{"name": "test_digit_share"}]})
     run_recipe(config_from_dict(raw))
     rows = [json.loads(line) for line in (tmp_path / "run" / "grpo" / "completions.jsonl").read_text().splitlines()]
     assert rows and all(r["advantage"] >= 0 for r in rows) and any(r["advantage"] > 0 for r in rows)
@@ -128,14 +132,13 @@ def test_completion_loss_mask_eos_fill_and_truncation():
     assert no_trunc.tolist() == [[True] * 5, [False] * 5, [True] * 5]
 
 
-def test_skipping_zero_advantage_completions_leaves_the_gradient_unchanged():
+def test_skipping_zero_advantage_completions_leaves_the_gradient_unchanged(make_tiny_llada):
     # without a KL term the trainer scores only completions with A_i != 0 (MaskPlan.restricted_to); the loss
     # and its gradient must be those of scoring every completion
     from align.likelihood import draw_coupled_masks, score_plan
-    from align.models import LLaDAModelLM, tiny_llada_config
     from align.trainers.grpo_math import aggregate, clipped_surrogate
 
-    model = LLaDAModelLM(tiny_llada_config(vocab_size=32, init_std=0.2))
+    model = make_tiny_llada(vocab_size=32, init_std=0.2)
     g = torch.Generator().manual_seed(0)
     P, L = 3, 5
     ids = torch.randint(0, 30, (4, P + L), generator=g)

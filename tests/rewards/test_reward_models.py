@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from align.rewards import (
     BoundReward,
     LoopPenalty,
@@ -42,7 +43,7 @@ TEMPLATE = "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} {% endfo
 
 
 def constant_reward(prompts, completions, completion_ids=None, scale=1.0, **kwargs):
-    """A module-level reward reachable as 'test_reward_models:constant_reward'."""
+    """A module-level reward reachable by import path, ``f"{__name__}:constant_reward"``."""
     return [scale] * len(completions)
 
 
@@ -194,9 +195,10 @@ def test_unknown_names_and_arguments_raise_with_the_name() -> None:
 
 
 def test_import_paths() -> None:
-    f = resolve_reward("test_reward_models:constant_reward", scale=3.0)
+    # this module's own name: pytest imports it as "tests.rewards.test_reward_models" (importlib mode)
+    f = resolve_reward(f"{__name__}:constant_reward", scale=3.0)
     assert isinstance(f, BoundReward) and f(None, ["a", "b"]) == [3.0, 3.0]
-    assert resolve_reward("test_reward_models:make_constant", value=0.25)(None, ["a"]) == [0.25]
+    assert resolve_reward(f"{__name__}:make_constant", value=0.25)(None, ["a"]) == [0.25]
     lp = resolve_reward("align.rewards.loop_reward:LoopPenalty", p_max=4)
     assert isinstance(lp, LoopPenalty) and lp.p_max == 4
     assert resolve_reward("align.rewards:boxed_format")(None, [r"\boxed{1}"]) == [1.0]
@@ -205,7 +207,7 @@ def test_import_paths() -> None:
     with pytest.raises(RewardSpecError, match="has no attribute"):
         resolve_reward("align.rewards:no_such_reward")
     with pytest.raises(RewardSpecError, match="unknown argument"):
-        resolve_reward("test_reward_models:constant_reward", bogus=1)
+        resolve_reward(f"{__name__}:constant_reward", bogus=1)
 
 
 def test_register_custom_reward() -> None:

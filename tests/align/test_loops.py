@@ -8,9 +8,9 @@ import re
 
 import pytest
 import torch
-from align.rewards import LoopPenalty, LoopSpan, detect_loops, loop_coverage, loop_penalty
 
 from align.loops import LoopParams
+from align.rewards import LoopPenalty, LoopSpan, detect_loops, loop_coverage, loop_penalty
 
 PAD = 0
 

@@ -9,23 +9,22 @@ from pathlib import Path
 import pytest
 import yaml
 
-TINY = {"d_model": 32, "n_heads": 2, "n_kv_heads": 2, "n_layers": 2, "mlp_hidden_size": 64,
-        "max_sequence_length": 128, "mask_token_id": 5, "eos_token_id": 0, "pad_token_id": 0}
 METRICS = ("reward", "rewards/step_accuracy/mean", "advantages/std", "clip_ratio", "completions/mean_length",
            "rollout/time_share", "rollout/tokens_per_second", "rollout/loop_guard_rows")
 
 
 @pytest.fixture(scope="module")
-def logged_run(tmp_path_factory) -> Path:
+def logged_run(tmp_path_factory, tiny_init_config) -> Path:
     """One 3-step GRPO run reporting to all three loggers (offline), in a subprocess with its own log dirs."""
     tmp = tmp_path_factory.mktemp("logging")
     recipe = {
         "seed": 0, "output_dir": str(tmp / "run"), "stages": ["grpo"], "run_name": "logtest",
         "report_to": ["wandb", "tensorboard", "trackio"],
-        "model": {"init_config": TINY, "tokenizer": "builtin:arithmetic"},
+        "model": {"init_config": tiny_init_config(), "tokenizer": "builtin:arithmetic"},
         "data": {"task": "arithmetic", "task_args": {"num_train": 32, "num_test": 8, "seed": 0}, "max_length": 128},
-        "grpo": {"max_steps": 3, "per_device_train_batch_size": 4, "num_generations": 2, "max_completion_length": 8,
-                 "steps": 8, "block_length": 8, "logging_steps": 1, "learning_rate": 1e-2, "project": "dlm-test",
+        "grpo": {"max_steps": 3, "per_device_train_batch_size": 4, "num_generations": 2, "gen_length": 8,
+                 "denoising_steps": 8, "block_length": 8, "logging_steps": 1, "learning_rate": 1e-2,
+                 "project": "dlm-test",
                  "loop_guard": {"enabled": True, "detection": {"min_span": 4}},
                  "rewards": [{"name": "step_accuracy"}, {"name": "task_accuracy"}]},
         "eval": {"enabled": False},

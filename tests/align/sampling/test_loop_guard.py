@@ -4,10 +4,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from align.rewards import detect_loops
 from torch import nn
 
 from align.config import ConfigError, load_config
+from align.rewards import detect_loops
 from align.sampling import Remask, SamplingConfigError, generate
 from align.sampling.loop_guard import LoopGuard, LoopGuardConfig, LoopGuardConfigError
 

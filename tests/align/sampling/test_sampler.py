@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from align.models import LLaDAModelLM, tiny_llada_config
+from align.models import LLaDAModelLM
 from align.sampling import SamplingConfigError, generate
 from align.sampling.forward import BlockForward
 from align.sampling.reference import get_num_transfer_tokens, reference_generate
@@ -22,17 +22,9 @@ MASK, EOS, EOT = V - 1, V - 2, V - 3
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def make_model(seed: int = 0, **overrides) -> LLaDAModelLM:
-    cfg = dict(vocab_size=V, d_model=32, n_layers=2, n_heads=2, mlp_hidden_size=64, init_std=0.4)
-    cfg.update(overrides)
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        return LLaDAModelLM(tiny_llada_config(**cfg)).eval()
-
-
 @pytest.fixture(scope="module")
-def model() -> LLaDAModelLM:
-    return make_model()
+def model(make_tiny_llada) -> LLaDAModelLM:
+    return make_tiny_llada(vocab_size=V, d_model=32, n_layers=2, n_heads=2, mlp_hidden_size=64, init_std=0.4)
 
 
 @pytest.fixture(scope="module")

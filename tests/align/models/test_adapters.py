@@ -9,7 +9,6 @@ from transformers import (
     BertForMaskedLM,
     DistilBertConfig,
     DistilBertForMaskedLM,
-    PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
 )
@@ -23,7 +22,6 @@ from align.models import (
     load_denoiser,
     lora_target_modules,
     shift_right,
-    tiny_llada_config,
 )
 
 VOCAB = 64
@@ -63,15 +61,6 @@ def tiny_bert() -> BertForMaskedLM:
 
 def random_ids(bsz: int, seq_len: int, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, VOCAB - 1, (bsz, seq_len), generator=torch.Generator().manual_seed(seed))
-
-
-def save_tokenizer(path) -> None:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    vocab = {f"w{i}": i for i in range(VOCAB - 1)} | {"[MASK]": MASK}
-    raw = Tokenizer(models.WordLevel(vocab=vocab, unk_token="w0"))
-    raw.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=raw, mask_token="[MASK]", unk_token="w0").save_pretrained(path)
 
 
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
@@ -197,10 +186,10 @@ def test_load_denoiser_dream_checkpoint_without_remote_code(tmp_path):
         torch.testing.assert_close(loaded(ids).logits, reference(ids).logits)
 
 
-def test_load_denoiser_masked_lm_takes_mask_id_from_tokenizer(tmp_path):
+def test_load_denoiser_masked_lm_takes_mask_id_from_tokenizer(tmp_path, save_word_tokenizer):
     model = tiny_bert()
     model.save_pretrained(tmp_path)
-    save_tokenizer(tmp_path)
+    save_word_tokenizer(tmp_path, VOCAB, "[MASK]")  # "[MASK]" is id VOCAB - 1 == MASK
     loaded = load_denoiser(tmp_path)
     assert isinstance(loaded, MaskedLMAdapter) and loaded.mask_token_id == MASK
     ids = random_ids(1, 5)
@@ -208,8 +197,8 @@ def test_load_denoiser_masked_lm_takes_mask_id_from_tokenizer(tmp_path):
         torch.testing.assert_close(loaded(ids).logits, model(input_ids=ids).logits)
 
 
-def test_load_denoiser_llada_and_kind_checks(tmp_path):
-    seeded(lambda: LLaDAModelLM(tiny_llada_config(vocab_size=VOCAB))).save_pretrained(tmp_path)
+def test_load_denoiser_llada_and_kind_checks(tmp_path, make_tiny_llada):
+    make_tiny_llada(vocab_size=VOCAB).save_pretrained(tmp_path)
     loaded = load_denoiser(tmp_path)
     assert isinstance(loaded, LLaDAModelLM) and isinstance(loaded, Denoiser)
     assert loaded.supports_kv_context and not loaded.shift_logits

@@ -7,6 +7,7 @@ from fractions import Fraction
 
 import pytest
 import torch
+
 from align.rewards import (
     AnswerAccuracy,
     LoopPenalty,

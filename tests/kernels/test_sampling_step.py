@@ -6,6 +6,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported anyw
 
 import pytest
 import torch
+
 from align.kernels import sampling_step as ss
 from align.kernels.sampling_step import (
     TritonUnavailableError,

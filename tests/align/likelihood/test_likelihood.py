@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 import torch
-from align.kernels.logprob import head_log_probs, linear_log_probs, selective_log_softmax
 
+from align.kernels.logprob import head_log_probs, linear_log_probs, selective_log_softmax
 from align.likelihood import (
     EmptyResponseError,
     InvalidSettingError,
@@ -37,17 +37,16 @@ from align.likelihood.exact import (
     quadrature_expectation,
 )
 from align.likelihood.masks import gauss_legendre_01
-from align.models import LLaDAModelLM, tiny_llada_config
+from align.models import LLaDAModelLM
 from align.rng import make_generator
 
 VOCAB = 32
 
 
 @pytest.fixture(scope="module")
-def model() -> LLaDAModelLM:
+def model(make_tiny_llada) -> LLaDAModelLM:
     """Tiny LLaDA with a wide init so log-probabilities depend on the context (masks matter)."""
-    torch.manual_seed(0)
-    return LLaDAModelLM(tiny_llada_config(vocab_size=VOCAB, init_std=0.2)).eval()
+    return make_tiny_llada(vocab_size=VOCAB, init_std=0.2)
 
 
 def _tokens(n: int, seed: int) -> torch.Tensor:

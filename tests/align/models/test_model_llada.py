@@ -1,5 +1,6 @@
 """Tests of the native LLaDA model, its config and its loaders (tiny configs, CPU)."""
 
+import functools
 import json
 
 import pytest
@@ -22,11 +23,10 @@ from align.models import (
 VOCAB = 96
 
 
-def build(seed: int = 0, **overrides) -> LLaDAModelLM:
-    """Tiny model with deterministic init (global RNG forked so other tests are unaffected)."""
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        return LLaDAModelLM(tiny_llada_config(vocab_size=VOCAB, **overrides)).eval()
+@pytest.fixture(scope="module")
+def build(make_tiny_llada):
+    """``build(seed=0, **overrides)``: tiny model of vocabulary VOCAB with deterministic init (conftest)."""
+    return functools.partial(make_tiny_llada, vocab_size=VOCAB)
 
 
 def random_ids(bsz: int, seq_len: int, seed: int = 1) -> torch.Tensor:
@@ -128,7 +128,7 @@ def test_8b_meta_state_dict_matches_released_names_and_shapes():
     assert model.mask_token_id == 126336 and llada_8b_config(mask_token_id=5).mask_token_id == 5
 
 
-def test_forward_shapes_and_hidden_states_plus_head_equal_logits():
+def test_forward_shapes_and_hidden_states_plus_head_equal_logits(build):
     model = build(embedding_size=VOCAB + 8)  # padded embedding rows are dropped from the logits
     ids = random_ids(2, 9)
     with torch.no_grad():
@@ -141,14 +141,14 @@ def test_forward_shapes_and_hidden_states_plus_head_equal_logits():
         torch.testing.assert_close(model(ids, logits_to_keep=sel).logits, logits[:, sel])
 
 
-def test_scale_logits_divides_by_sqrt_d_model():
+def test_scale_logits_divides_by_sqrt_d_model(build):
     ids = random_ids(1, 4)
     with torch.no_grad():
         plain, scaled = build()(ids).logits, build(scale_logits=True)(ids).logits
     torch.testing.assert_close(scaled, plain / 8.0)
 
 
-def test_attention_is_bidirectional():
+def test_attention_is_bidirectional(build):
     model = build()
     ids = random_ids(1, 10)
     changed = ids.clone()
@@ -158,7 +158,7 @@ def test_attention_is_bidirectional():
     assert not torch.allclose(a[0, 0], b[0, 0])
 
 
-def test_left_padding_is_invariant():
+def test_left_padding_is_invariant(build):
     model = build()
     ids = random_ids(2, 7)
     padded = torch.cat([torch.full((2, 3), 90), ids], dim=1)
@@ -170,7 +170,7 @@ def test_left_padding_is_invariant():
             torch.testing.assert_close(model(padded, attention_mask=mask).logits[:, 3:], ref)
 
 
-def test_default_positions_come_from_the_attention_mask(monkeypatch):
+def test_default_positions_come_from_the_attention_mask(monkeypatch, build):
     import align.models.llada as llada
 
     seen = []
@@ -182,7 +182,7 @@ def test_default_positions_come_from_the_attention_mask(monkeypatch):
     torch.testing.assert_close(seen[0], torch.tensor([[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]]))
 
 
-def test_sdpa_and_eager_agree_with_gqa():
+def test_sdpa_and_eager_agree_with_gqa(build):
     model = build(n_heads=4, n_kv_heads=2)
     block = model.model.transformer.blocks[0]
     assert block.k_proj.weight.shape == (2 * 16, 64) and block.q_proj.weight.shape == (64, 64)
@@ -197,7 +197,7 @@ def test_sdpa_and_eager_agree_with_gqa():
 
 
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
-def test_context_kv_equals_full_pass(impl):
+def test_context_kv_equals_full_pass(impl, build):
     model = build(n_kv_heads=2)
     model.config._attn_implementation = impl
     ids = random_ids(2, 12)
@@ -217,7 +217,7 @@ def test_context_kv_equals_full_pass(impl):
         torch.testing.assert_close(own[1][0], kv[1][0][:, :, q])
 
 
-def test_context_mask_hides_context_positions():
+def test_context_mask_hides_context_positions(build):
     model = build()
     ids = random_ids(1, 8)
     with torch.no_grad():
@@ -230,7 +230,7 @@ def test_context_mask_hides_context_positions():
     torch.testing.assert_close(hidden, alone)
 
 
-def test_context_kv_errors():
+def test_context_kv_errors(build):
     model = build()
     ids = random_ids(1, 6)
     with torch.no_grad():
@@ -241,7 +241,7 @@ def test_context_kv_errors():
         model.hidden_states(ids, position_ids=torch.arange(6), context_kv=kv[:1])
 
 
-def test_gradient_checkpointing_gives_same_gradients(monkeypatch):
+def test_gradient_checkpointing_gives_same_gradients(monkeypatch, build):
     import align.models.llada as llada
 
     calls = []
@@ -263,7 +263,7 @@ def test_gradient_checkpointing_gives_same_gradients(monkeypatch):
         torch.testing.assert_close(grads[0][name], grads[1][name], msg=name)
 
 
-def test_save_and_load_round_trip_sharded(tmp_path):
+def test_save_and_load_round_trip_sharded(tmp_path, build):
     model = build(n_kv_heads=2, include_qkv_bias=True)
     ids = random_ids(2, 6)
     with torch.no_grad():
@@ -283,7 +283,7 @@ def test_save_and_load_round_trip_sharded(tmp_path):
     assert load_model(tmp_path, dtype=torch.bfloat16).dtype == torch.bfloat16
 
 
-def test_weight_tying_round_trip(tmp_path):
+def test_weight_tying_round_trip(tmp_path, build):
     model = build(weight_tying=True)
     tr = model.model.transformer
     assert tr.ff_out.weight is tr.wte.weight
@@ -393,21 +393,15 @@ def test_checkpoint_with_wrong_names_is_rejected(tmp_path):
         load_model(tmp_path)
 
 
-def test_load_model_and_tokenizer(tmp_path):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {f"w{i}": i for i in range(VOCAB - 1)} | {"<mask>": VOCAB - 1}
-    raw = Tokenizer(models.WordLevel(vocab=vocab, unk_token="w0"))
-    raw.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=raw, mask_token="<mask>", unk_token="w0").save_pretrained(tmp_path)
+def test_load_model_and_tokenizer(tmp_path, build, save_word_tokenizer):
+    save_word_tokenizer(tmp_path, VOCAB, "<mask>")
     build().save_pretrained(tmp_path)
     model, tokenizer = load_model_and_tokenizer(tmp_path)
     assert tokenizer.mask_token_id == model.mask_token_id == VOCAB - 1
     assert tokenizer("w3 w5")["input_ids"] == [3, 5]
 
 
-def test_mask_token_id_override_is_validated():
+def test_mask_token_id_override_is_validated(build):
     model = build()
     model.mask_token_id = 3
     assert model.mask_token_id == 3 and model.config.mask_token_id == 3
@@ -415,7 +409,7 @@ def test_mask_token_id_override_is_validated():
         model.mask_token_id = VOCAB
 
 
-def test_lora_targets_and_pitfall_names():
+def test_lora_targets_and_pitfall_names(build):
     model = build()
     targets = lora_target_modules(model)
     assert targets == ["q_proj", "k_proj", "v_proj", "attn_out", "ff_proj", "up_proj", "ff_out"]
@@ -430,7 +424,7 @@ def test_lora_targets_and_pitfall_names():
     assert lora_exclude_modules(model) == ["model.transformer.ff_out"]
 
 
-def test_peft_lora_with_exclusion_leaves_output_head_alone():
+def test_peft_lora_with_exclusion_leaves_output_head_alone(build):
     from peft import LoraConfig, get_peft_model
 
     model = build()
@@ -453,12 +447,8 @@ def test_peft_lora_with_exclusion_leaves_output_head_alone():
     torch.testing.assert_close(base, build()(ids).logits)
 
 
-def test_forward_logits_mask_selects_positions():
-    from align.models import LLaDAModelLM, tiny_llada_config
-
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = LLaDAModelLM(tiny_llada_config()).eval()
+def test_forward_logits_mask_selects_positions(make_tiny_llada):
+    model = make_tiny_llada()  # tiny_llada_config() defaults: vocabulary 256
     ids = torch.randint(0, 200, (2, 9), generator=torch.Generator().manual_seed(1))
     sel = torch.zeros(2, 9, dtype=torch.bool)
     sel[0, 3] = sel[1, 0] = sel[1, 8] = True
@@ -470,12 +460,8 @@ def test_forward_logits_mask_selects_positions():
         model(ids, logits_mask=sel[:, :4])
 
 
-def test_forward_return_hidden_matches_hidden_states():
-    from align.models import LLaDAModelLM, tiny_llada_config
-
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = LLaDAModelLM(tiny_llada_config()).eval()
+def test_forward_return_hidden_matches_hidden_states(make_tiny_llada):
+    model = make_tiny_llada()  # tiny_llada_config() defaults: vocabulary 256
     ids = torch.randint(0, 200, (2, 7), generator=torch.Generator().manual_seed(2))
     out = model(ids, return_hidden=True)
     assert out.logits is None

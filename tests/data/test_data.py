@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+
 from align.data.collator import CollatorError, SFTCollator
 from align.data.formatting import DataFormatError, encode_pair
 from align.data.loading import load_files, tokenize_dataset

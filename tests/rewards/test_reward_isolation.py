@@ -8,6 +8,7 @@ import time
 
 import pytest
 import torch
+
 from align.rewards import (
     RewardAbortError,
     RewardFunctionError,

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from align.data.tokenizer import build_word_tokenizer, save_tokenizer
 
 from align.cli.generate import add_generate_parser, run_generate
+from align.data.tokenizer import build_word_tokenizer, save_tokenizer
 from align.models import LLaDAModelLM, tiny_llada_config
 from align.sampling import generate
 
@@ -40,7 +40,7 @@ def parse(*argv: str) -> argparse.Namespace:
     return parser.parse_args(["generate", *argv])
 
 
-SMALL = ("--gen-length", "8", "--block-length", "4", "--steps", "8", "--device", "cpu")
+SMALL = ("--gen-length", "8", "--block-length", "4", "--denoising-steps", "8", "--device", "cpu")
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -80,7 +80,7 @@ def test_jsonl_prompts_raw_and_samples(checkpoint, tmp_path, capsys) -> None:
     prompts.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     out = tmp_path / "o.jsonl"
     args = parse("--model", str(checkpoint), "--prompts", str(prompts), "--output", str(out), "--raw",
-                 "--num-samples", "2", "--temperature", "1.0", "--seed", "3", "--threshold", "0.5",
+                 "--num-generations", "2", "--temperature", "1.0", "--seed", "3", "--threshold", "0.5",
                  "--cache", "prefix", *SMALL)
     assert run_generate(args) == 0
     rows = read_jsonl(out)
@@ -93,7 +93,7 @@ def test_jsonl_prompts_raw_and_samples(checkpoint, tmp_path, capsys) -> None:
 def test_loop_guard_flags(checkpoint, tmp_path, caplog) -> None:
     out = tmp_path / "g.jsonl"
     args = parse("--model", str(checkpoint), "--prompt", "What is two plus three ?", "--output", str(out),
-                 "--loop-guard", "--loop-guard-penalty", "3", "--num-samples", "2", *SMALL)
+                 "--loop-guard", "--loop-guard-penalty", "3", "--num-generations", "2", *SMALL)
     with caplog.at_level("INFO"):
         assert run_generate(args) == 0
     assert len(read_jsonl(out)) == 2 and "loop guard fired in" in caplog.text
@@ -140,8 +140,42 @@ def test_help_lists_the_sampler_knobs() -> None:
     sub = parser.add_subparsers()
     text = add_generate_parser(sub).format_help()
     for flag in ("--threshold", "--cache", "--remasking", "--cfg-scale", "--eos-policy", "--confidence-eos-eot-inf",
-                 "--logits-eos-inf", "--num-samples", "--output", "--raw", "--backend"):
+                 "--logits-eos-inf", "--num-generations", "--denoising-steps", "--output", "--raw", "--backend"):
         assert flag in text
+
+
+def test_help_choices_come_from_their_owners() -> None:
+    from align.models.resolve import DTYPES
+    from align.sampling import CACHE_MODES, EOS_POLICIES, REMASKING
+
+    parser = argparse.ArgumentParser(prog="dlm-align")
+    p = add_generate_parser(parser.add_subparsers())
+    choices = {a.dest: a.choices for a in p._actions if a.choices is not None}
+    assert list(choices["remasking"]) == list(REMASKING)
+    assert list(choices["cache"]) == ["none" if m is None else m for m in CACHE_MODES]
+    assert list(choices["eos_policy"]) == list(EOS_POLICIES)
+    assert list(choices["dtype"]) == ["auto", *DTYPES]
+    text = p.format_help()
+    assert "builtin:quickstart-base" in text and "org/name" in text  # --model names all three kinds
+    assert "--num-samples" not in text and "--steps " not in text  # the old names are hidden
+
+
+@pytest.mark.parametrize(("old", "new"), [("--num-samples", "--num-generations"), ("--steps", "--denoising-steps")])
+def test_renamed_flags_name_the_new_flag(checkpoint, capsys, old, new) -> None:
+    from align.cli import main
+
+    for value in (("2",), ()):
+        with pytest.raises(SystemExit) as exc:
+            main(["generate", "--model", str(checkpoint), "--prompt", "hi", old, *value])
+        assert exc.value.code == 2
+        assert f"{old} was renamed to {new}" in capsys.readouterr().err
+
+
+def test_dtype_flag_uses_the_shared_mapping(checkpoint, tmp_path) -> None:
+    out = tmp_path / "d.jsonl"
+    args = parse("--model", str(checkpoint), "--prompt", "What is two plus three ?", "--dtype", "float32",
+                 "--output", str(out), *SMALL)
+    assert run_generate(args) == 0 and len(read_jsonl(out)) == 1
 
 
 def test_main_cli_dispatches_generate(checkpoint, capsys) -> None:

@@ -1,0 +1,241 @@
+"""The sections of a recipe, each a dataclass that checks its own fields when it is built.
+
+Rules that involve one section only live in its ``__post_init__``; rules across sections live in
+:func:`align.config.validate.validate`. Choice lists are imported from the modules that own them.
+The stage sections (``pretrain``, ``sft``, ``grpo``) are mappings: their own options
+(:class:`~align.trainers.sft_config.DiffusionSFTOptions`, :class:`~align.trainers.grpo_config.GRPOOptions`)
+plus ``transformers.TrainingArguments`` fields, split by :meth:`RecipeConfig.stage_options`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from dataclasses import dataclass, field
+from typing import Any
+
+from align.config.schema import build_section, split_known, unknown_key
+from align.data.formatting import FORMATS
+from align.data.loading import BUILTIN_TASKS
+from align.data.task import ArithmeticTaskSpec
+from align.loops import detect_loops
+from align.models.llada import ATTN_IMPLEMENTATIONS
+from align.models.resolve import DTYPES
+from align.options import FieldError, check_choice, check_range
+from align.sampling.settings import SamplerSettings
+from align.trainers.grpo_config import GRPOOptions
+from align.trainers.sft_config import DiffusionSFTOptions
+
+#: stages a recipe may run, in the order they make sense, and the options class of each.
+STAGE_OPTIONS: dict[str, type] = {"pretrain": DiffusionSFTOptions, "sft": DiffusionSFTOptions, "grpo": GRPOOptions}
+STAGES = tuple(STAGE_OPTIONS)
+#: loggers of training metrics (``all`` = every installed one, as in transformers).
+REPORT_TO = ("none", "wandb", "tensorboard", "trackio", "all")
+#: arguments of the built-in task besides the fields of :class:`~align.data.task.ArithmeticTaskSpec`.
+TASK_SPLIT_ARGS = ("num_train", "num_test", "seed")
+
+
+@dataclass
+class ModelConfig:
+    """Which model to start from.
+
+    Attributes:
+        path: the checkpoint: ``builtin:<name>`` (shipped with the package, e.g. ``builtin:quickstart-base``), a
+            local directory in Hugging Face format, or a Hub id (``org/name``, read from the Hugging Face cache;
+            ``HF_HUB_OFFLINE=1`` is honoured).
+        init_config: instead of ``path``, build a randomly initialised native LLaDA model from these
+            :class:`~align.models.LLaDAConfig` fields (used by pre-training recipes).
+        tokenizer: tokenizer (same forms as ``path``); defaults to ``path``. ``builtin:arithmetic`` builds the
+            embedded word-level tokenizer of the built-in task.
+        mask_token_id: override the mask token id of the model config.
+        dtype: ``float32``, ``bfloat16`` or ``float16`` weights.
+        attn_implementation: ``sdpa`` (default) or ``eager``.
+        gradient_checkpointing: recompute activations in the backward pass.
+    """
+
+    path: str | None = None
+    init_config: dict[str, Any] | None = None
+    tokenizer: str | None = None
+    mask_token_id: int | None = None
+    dtype: str = "float32"
+    attn_implementation: str = "sdpa"
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        if (self.path is None) == (self.init_config is None):
+            raise FieldError("path", "or 'init_config': set exactly one (a checkpoint, or a random init)",
+                             ("init_config",))
+        if self.init_config is not None and self.tokenizer is None:
+            raise FieldError("tokenizer", "is required with 'init_config'", ("init_config",))
+        check_choice("dtype", self.dtype, DTYPES)
+        check_choice("attn_implementation", self.attn_implementation, ATTN_IMPLEMENTATIONS)
+
+
+@dataclass
+class DataConfig:
+    """Where the training and evaluation rows come from.
+
+    Attributes:
+        task: a built-in task (``arithmetic``) providing train and held-out splits; or null to use files.
+        task_args: arguments of the built-in task: ``num_train``, ``num_test``, ``seed`` and the difficulty
+            fields of :class:`~align.data.task.ArithmeticTaskSpec`.
+        train_files: local jsonl/json/parquet/csv training files (instead of ``task``).
+        eval_files: local held-out files with an answer column (used by evaluation).
+        format: ``auto``, ``prompt_completion``, ``messages`` or ``text``.
+        prompt_column, completion_column, messages_column, text_column, answer_column: column names.
+        use_chat_template: wrap prompts in the tokenizer's chat template.
+        max_length: longest prompt + completion in tokens; longer rows are dropped and counted.
+    """
+
+    task: str | None = "arithmetic"
+    task_args: dict[str, Any] = field(default_factory=dict)
+    train_files: list[str] | None = None
+    eval_files: list[str] | None = None
+    format: str = "auto"
+    prompt_column: str = "prompt"
+    completion_column: str = "completion"
+    messages_column: str = "messages"
+    text_column: str = "text"
+    answer_column: str = "answer"
+    use_chat_template: bool = True
+    max_length: int | None = 512
+
+    def __post_init__(self) -> None:
+        if (self.task is None) == (self.train_files is None):
+            raise FieldError("task", "or 'train_files': set exactly one (a built-in task, or local files)",
+                             ("train_files",))
+        if self.task is not None:
+            check_choice("task", self.task, BUILTIN_TASKS)
+            allowed = sorted({*TASK_SPLIT_ARGS, *(f.name for f in dataclasses.fields(ArithmeticTaskSpec))})
+            for k in self.task_args:
+                if k not in allowed:
+                    raise FieldError(f"task_args.{k}", f"is not an argument of task {self.task!r}; "
+                                                       f"valid: {', '.join(allowed)}")
+        elif self.task_args:
+            raise FieldError("task_args", "is set but 'task' is null", ("task",))
+        check_choice("format", self.format, FORMATS)
+        if self.max_length is not None and self.max_length < 2:
+            raise FieldError("max_length", f"must be >= 2, got {self.max_length}")
+
+
+@dataclass
+class PeftConfig:
+    """LoRA adapter settings (``peft: null`` trains all weights).
+
+    Attributes:
+        r, lora_alpha, lora_dropout: LoRA rank, scaling numerator and dropout.
+        target_modules: module names, or ``auto`` for the model's own list (LLaDA: q_proj, k_proj, v_proj,
+            attn_out, ff_proj, up_proj, ff_out). Names that match no module are an error.
+
+    At the end of each stage the adapter is saved alone (``<stage>/adapter``), then merged into the weights
+    (``<stage>/final``); evaluation and later stages start from the merged model.
+    """
+
+    r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    target_modules: list[str] | str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise FieldError("r", f"must be >= 1, got {self.r}")
+        check_range("lora_dropout", self.lora_dropout, low=0.0, high=1.0, high_open=True)
+        if isinstance(self.target_modules, str) and self.target_modules != "auto":
+            raise FieldError("target_modules", f"must be 'auto' or a list of names, got {self.target_modules!r}")
+
+
+def _loop_detection_keys() -> list[str]:
+    return sorted(set(inspect.signature(detect_loops).parameters) - {"completion_ids", "pad_ids"})
+
+
+@dataclass
+class EvalConfig(SamplerSettings):
+    """Held-out evaluation after each stage (accuracy, completion length, loop rate), with the rollout sampler.
+
+    Attributes:
+        enabled: evaluate at all.
+        base: also evaluate the starting model (stage ``base``).
+        num_problems: held-out problems scored (taken from the start of the test split).
+        batch_size: prompts per sampler call.
+        gen_length, denoising_steps, block_length, temperature, remasking, threshold, cache, cfg_scale,
+            loop_guard: sampler settings (:class:`align.sampling.settings.SamplerSettings`; greedy by default).
+        loop_detection: keyword arguments of :func:`align.loops.detect_loops` used for ``loop_rate``
+            (e.g. ``min_span`` for short completions).
+    """
+
+    enabled: bool = True
+    base: bool = True
+    num_problems: int = 200
+    batch_size: int = 64
+    loop_detection: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.num_problems < 1:
+            raise FieldError("num_problems", f"must be >= 1, got {self.num_problems}")
+        if self.batch_size < 1:
+            raise FieldError("batch_size", f"must be >= 1, got {self.batch_size}")
+        valid = _loop_detection_keys()
+        for k in self.loop_detection:
+            if k not in valid:
+                raise FieldError(f"loop_detection.{k}", f"is not a loop-detection setting; valid: {', '.join(valid)}")
+
+
+@dataclass
+class RecipeConfig:
+    """A whole recipe: model, data, optional LoRA, the stages to run, and evaluation.
+
+    Attributes:
+        seed: seeds data order, masks and sampling (through explicit generators).
+        output_dir: run directory (checkpoints, ``report.json``).
+        resume: when re-run into the same directory, skip finished stages and resume an interrupted stage
+            from its last complete checkpoint.
+        run_name: name shown by loggers; defaults to the output directory's name.
+        report_to: loggers for training metrics (``none``, ``wandb``, ``tensorboard``, ``trackio``).
+        stages: stages to run in order, from :data:`STAGES`.
+        model, data, peft, eval: see the section classes (``model`` is required).
+        pretrain, sft: per-stage options: :class:`~align.trainers.sft_config.DiffusionSFTOptions` fields plus
+            TrainingArguments fields.
+        grpo: :class:`~align.trainers.grpo_config.GRPOOptions` fields plus TrainingArguments fields.
+    """
+
+    seed: int = 0
+    output_dir: str = "runs/default"
+    resume: bool = True
+    run_name: str | None = None
+    report_to: list[str] = field(default_factory=lambda: ["none"])
+    stages: list[str] = field(default_factory=lambda: ["sft"])
+    model: ModelConfig | None = None
+    data: DataConfig = field(default_factory=DataConfig)
+    peft: PeftConfig | None = None
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    pretrain: dict[str, Any] = field(default_factory=dict)
+    sft: dict[str, Any] = field(default_factory=dict)
+    grpo: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.model is None:
+            raise FieldError("model", "is required: set 'model.path' (builtin:<name>, a directory or a Hub id) "
+                                      "or 'model.init_config'")
+        if not self.stages:
+            raise FieldError("stages", f"is empty: name at least one of {', '.join(STAGES)}")
+        for s in self.stages:
+            check_choice("stages", s, STAGES)
+        if len(set(self.stages)) != len(self.stages):
+            raise FieldError("stages", f"lists a stage twice: {self.stages}")
+        for r in self.report_to:
+            check_choice("report_to", r, REPORT_TO)
+
+    def stage_options(self, stage: str) -> tuple[Any, dict[str, Any]]:
+        """Split a stage section into its own options (:data:`STAGE_OPTIONS`) and its TrainingArguments keywords;
+        the options are built (and so checked), with errors naming ``<stage>.<key>``."""
+        cls = STAGE_OPTIONS[stage]
+        own, rest = split_known(cls, dict(getattr(self, stage)))
+        return build_section(cls, own, stage), rest
+
+
+def stage_unknown_key(stage: str, key: str, valid: list[str]) -> Exception:
+    """The error for a key of a stage section that is neither a stage option nor a TrainingArguments field."""
+    own = ", ".join(f.name for f in dataclasses.fields(STAGE_OPTIONS[stage]))
+    return unknown_key(key, valid, stage, valid_hint=f"not a '{stage}' option ({own}) nor a "
+                                                       "transformers.TrainingArguments field")
