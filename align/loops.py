@@ -335,19 +335,17 @@ def loop_coverage(
     pad_ids: Sequence[int] = (),
     unknown_ids: Sequence[int] = (),
     ignore_ids: Sequence[int] = (),
-    p_max: int = DEFAULT_P_MAX,
-    k_min: int = DEFAULT_K_MIN,
-    min_span: int = DEFAULT_MIN_SPAN,
-    k_counter: int | None = DEFAULT_K_COUNTER,
-    counter_min_period: int = DEFAULT_COUNTER_MIN_PERIOD,
+    **params: int | None,
 ) -> LoopCoverage:
-    """Which tokens lie in a loop, as tensors (no per-row Python); arguments as in :func:`detect_loops`.
+    """Which tokens lie in a loop, as tensors (no per-row Python); arguments as in :func:`detect_loops`
+    (``params`` are the :class:`LoopParams` fields: ``p_max``, ``k_min``, ``min_span``, ``k_counter``,
+    ``counter_min_period``).
 
     Cheap enough to call on partly decoded batches at every denoising step (pass the mask token in
     ``unknown_ids``); runs on the device of ``completion_ids``.
     """
-    prm = LoopParams(p_max, k_min, min_span, k_counter, counter_min_period)
-    covered, n_tokens, _ = _run(completion_ids, pad_ids, unknown_ids, ignore_ids, prm, want_spans=False)
+    covered, n_tokens, _ = _run(completion_ids, pad_ids, unknown_ids, ignore_ids, LoopParams(**params),
+                                want_spans=False)
     fraction = covered.sum(dim=1).float() / n_tokens.clamp(min=1).float()
     return LoopCoverage(covered, n_tokens, fraction)
 

@@ -114,6 +114,11 @@ def _as_generator(generator: torch.Generator | int | None) -> torch.Generator:
                               f"(got {type(generator).__name__}); the global RNG is never used")
 
 
+def _same_shape(name: str, x: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    if x.shape != ref.shape:
+        raise ShapeMismatchError(f"{name} {tuple(x.shape)} must match {ref_name} {tuple(ref.shape)}")
+
+
 def join_prompt_completion(prompt_ids: torch.Tensor, completion_ids: torch.Tensor,
                            completion_mask: torch.Tensor, prompt_mask: torch.Tensor | None = None,
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -126,14 +131,10 @@ def join_prompt_completion(prompt_ids: torch.Tensor, completion_ids: torch.Tenso
     if prompt_ids.dim() != 2 or completion_ids.dim() != 2 or prompt_ids.shape[0] != completion_ids.shape[0]:
         raise ShapeMismatchError(f"prompt_ids {tuple(prompt_ids.shape)} and completion_ids "
                                  f"{tuple(completion_ids.shape)} must be [B, P] and [B, L]")
-    if completion_mask.shape != completion_ids.shape:
-        raise ShapeMismatchError(f"completion_mask {tuple(completion_mask.shape)} must match completion_ids "
-                                 f"{tuple(completion_ids.shape)}")
+    _same_shape("completion_mask", completion_mask, "completion_ids", completion_ids)
     if prompt_mask is None:
         prompt_mask = torch.ones_like(prompt_ids, dtype=torch.bool)
-    elif prompt_mask.shape != prompt_ids.shape:
-        raise ShapeMismatchError(f"prompt_mask {tuple(prompt_mask.shape)} must match prompt_ids "
-                                 f"{tuple(prompt_ids.shape)}")
+    _same_shape("prompt_mask", prompt_mask, "prompt_ids", prompt_ids)
     input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
     attention_mask = torch.cat([prompt_mask.bool(), torch.ones_like(completion_mask, dtype=torch.bool)], dim=1)
     response_mask = torch.cat([torch.zeros_like(prompt_mask, dtype=torch.bool), completion_mask.bool()], dim=1)
@@ -147,14 +148,10 @@ def _validate(input_ids: torch.Tensor, response_mask: torch.Tensor, attention_ma
         raise ShapeMismatchError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
     if input_ids.shape[0] == 0:
         raise ShapeMismatchError("input_ids has an empty batch (B = 0)")
-    if response_mask.shape != input_ids.shape:
-        raise ShapeMismatchError(f"response_mask {tuple(response_mask.shape)} must match input_ids "
-                                 f"{tuple(input_ids.shape)}")
+    _same_shape("response_mask", response_mask, "input_ids", input_ids)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
-    elif attention_mask.shape != input_ids.shape:
-        raise ShapeMismatchError(f"attention_mask {tuple(attention_mask.shape)} must match input_ids "
-                                 f"{tuple(input_ids.shape)}")
+    _same_shape("attention_mask", attention_mask, "input_ids", input_ids)
     attention_mask, response_mask = attention_mask.bool(), response_mask.bool()
     outside = (response_mask & ~attention_mask).any(dim=1)
     if outside.any():
