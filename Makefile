@@ -3,18 +3,23 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.dlm-align-installed
-# CPU build of torch (pinned; an unpinned torch would pull a multi-GB CUDA build).
-TORCH  := torch==2.13.0
+# The tested set (constraints.txt) pins every direct dependency and test tool; pyproject.toml only bounds them.
+CONSTRAINTS := constraints.txt
 
-.PHONY: setup test lint quickstart quickstart-clean quickstart-loops bench clean
+.PHONY: setup test lint check-install quickstart quickstart-clean quickstart-loops bench clean
 
-$(STAMP): pyproject.toml
+# torch first, alone, at the pinned version: the CPU build where the index offers it (an unpinned torch would pull
+# a multi-GB CUDA build).
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q -c $(CONSTRAINTS) torch
+	$(BIN)/python -m pip install -q -c $(CONSTRAINTS) -e ".[dev]"
 	@touch $(STAMP)
 
-setup: $(STAMP)  ## create .venv and install dlm-align with its test tools
+setup: $(STAMP)  ## create .venv and install dlm-align with its test tools, at the tested versions
+
+check-install:  ## does installing dlm-align keep an environment's own torch? (a throwaway venv; needs the package index)
+	bash bench/check_install.sh
 
 test: setup  ## lint, then the whole test suite (CPU only, no network)
 	$(BIN)/ruff check .

@@ -1,8 +1,10 @@
 """Held-out evaluation: sample completions with the rollout engine and score the final answers.
 
 Reports accuracy, mean completion length (tokens up to the end of the answer, i.e. before the first
-EOS / end-of-turn), the loop rate (share of completions in which :func:`align.rewards.detect_loops` finds a
-repetition loop among the tokens before the first stop) and keeps each completion for the run report.
+EOS / end-of-turn), the loop rate (share of completions in which :func:`align.loops.detect_loops` finds a
+repetition loop in the tokens before the first stop, periodic rule plus ``eval.loop_detection``; each sample
+also records the text path's fraction, :func:`align.loops_text.detect_text_loops`) and keeps each completion
+for the run report.
 """
 
 from __future__ import annotations
@@ -74,6 +76,7 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, prompts: list[Any], answers
         seed: seed of the sampler's generator (only used at temperature > 0 or random remasking).
     """
     from align.loops import detect_loops
+    from align.loops_text import detect_text_loops
     from align.rewards.answers import answers_match, extract_answer, gold_answer
     from align.sampling import completion_lengths, generate
 
@@ -97,16 +100,21 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, prompts: list[Any], answers
         comp = out.sequences[:, ids.shape[1]:].cpu()
         lengths = completion_lengths(comp, stops)[0]
         # loops in the completion a reader gets: the tokens before the first stop (what follows is never shown)
-        loops = detect_loops([comp[i, : lengths[i]] for i in range(len(comp))], pad_ids=stops, **cfg.loop_detection)
+        # loop rate: the token-id detector (periodic rule; the copy rule is opt-in through eval.loop_detection)
+        loops = detect_loops([comp[i, : lengths[i]] for i in range(len(comp))], pad_ids=stops,
+                             **{"copy_min_span": None, **cfg.loop_detection})
+        texts = [tokenizer.decode(comp[i, : lengths[i]].tolist(), skip_special_tokens=True) for i in range(len(comp))]
+        text_loops = detect_text_loops(texts)  # recorded beside it: the text path, independent of the tokenizer
         for i, p in enumerate(chunk):
-            text = tokenizer.decode(comp[i, : lengths[i]].tolist(), skip_special_tokens=True)
+            text = texts[i]
             pred = extract_answer(text)
             ans = answers[s + i]
             # The same extraction and matching as the accuracy rewards, so eval and RL agree.
             correct = answers_match(pred, gold_answer(ans))
             samples.append({"prompt": p if isinstance(p, str) else p[-1]["content"], "completion": text,
                             "answer": str(ans), "predicted": pred, "correct": correct, "length": int(lengths[i]),
-                            "loop_fraction": float(loops[i].fraction)})
+                            "loop_fraction": float(loops[i].fraction),
+                            "loop_fraction_text": float(text_loops[i].fraction)})
     if was_training:
         model.train()
     n = len(samples)

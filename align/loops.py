@@ -1,26 +1,25 @@
 """Loop detection on token ids (``docs/concepts.md`` §6).
 
-A *loop* is a span in which a p-gram (1 <= p <= p_max) repeats k >= k_min times in a row, exactly;
-the *loop fraction* is the share of the completion's tokens covered by such spans. Trailing
-EOS/pad runs are never part of a completion, and so never a loop.
+A completion *loops* when a block of it is repeated: ``k >= k_min`` copies of a unit. Two rules find the
+tokens inside loops (:mod:`align.loops_scan`), and the *loop fraction* is the share of the completion's
+tokens they cover. Trailing EOS/pad runs are never part of a completion, and so never a loop.
 
-To keep legitimate repetition (enumerations, tables, code, ``3+3+3``) out, a span must also cover
-at least ``min_span`` tokens, so short periods need more copies:
-``need(p) = max(k_min * p, min_span)`` tokens, i.e. ``k(p) = max(k_min, ceil(min_span / p))`` copies.
-Repeats must be exact, so a unit with a varying counter ("1. ... 2. ...") never matches itself.
-The one exception is the *counter rule*: among tokens outside exact loops, a unit of at least
-``counter_min_period`` tokens whose copies differ in one token each ("Step 7: ... Step 8: ...", or a
-sampled substitution) is a loop once it covers ``max(k_counter * p, min_span)`` tokens.
+* *Periodic rule* (``p_max``, ``k_min``, ``min_span``, ``k_counter``, ``counter_min_period``): a p-gram,
+  ``1 <= p <= p_max``, repeated in a row over ``need(p) = max(k_min * p, min_span)`` tokens, so short
+  units need more copies (``3 + 3 + 3`` is not a loop, ``we, we, we, ...`` to the budget is); plus the
+  *counter rule*: units of ``>= counter_min_period`` tokens whose copies differ in one token each, over
+  ``max(k_counter * p, min_span)`` tokens. One vectorised pass per period.
+* *Copy rule* (``copy_ngram``, ``copy_gap``, ``copy_min_span``): ``k_min`` copies of a block of any
+  length at any distance, each copy spanning ``>= copy_min_span`` tokens, allowing a varying token every
+  ``copy_gap`` tokens or so (an ordinal, a list number, a typo) and other tokens between the copies. It
+  finds the long units (a whole attempt of 40-150 tokens repeated to the budget) and the few copies of a
+  long block that periods ``<= p_max`` cannot see, in one pass whatever the distance.
 
-Vectorised with torch over the batch and the positions; the only Python loop is over periods p.
-For one p, ``x_i = x_{i+p}`` for ``r = need(p) - p`` consecutive i is exactly a p-periodic window
-of ``need(p)`` tokens; windows are found with a cumulative sum and their tokens marked through a
-difference array, so each period costs a handful of passes over the rows that can hold a loop.
+Vectorised with torch over the batch and the positions. Partly decoded sequences (decode-time guard):
+positions holding an ``unknown_ids`` token (the mask token) match nothing and are left out of the
+denominator; :func:`loop_coverage` returns tensors only (no Python per row) for that use.
 
-Partly decoded sequences (decode-time guard): positions holding an ``unknown_ids`` token (the mask
-token) match nothing and are left out of the denominator, so exact loops are made of decoded
-tokens only (the counter rule tolerates one unknown per copy); :func:`loop_coverage` returns
-tensors only (no Python per row) for that use.
+Token counts depend on the tokenizer; :mod:`align.loops_text` finds the same kinds of loops on text.
 """
 
 from __future__ import annotations
@@ -31,7 +30,12 @@ from typing import NamedTuple
 
 import torch
 
+from .loops_scan import scan_copies, scan_periodic
+
 __all__ = [
+    "DEFAULT_COPY_GAP",
+    "DEFAULT_COPY_MIN_SPAN",
+    "DEFAULT_COPY_NGRAM",
     "DEFAULT_COUNTER_MIN_PERIOD",
     "DEFAULT_K_COUNTER",
     "DEFAULT_K_MIN",
@@ -50,6 +54,9 @@ DEFAULT_K_MIN = 3
 DEFAULT_MIN_SPAN = 24
 DEFAULT_K_COUNTER: int | None = 6
 DEFAULT_COUNTER_MIN_PERIOD = 10
+DEFAULT_COPY_NGRAM = 6
+DEFAULT_COPY_GAP = 8
+DEFAULT_COPY_MIN_SPAN: int | None = 24
 
 IdsInput = torch.Tensor | Sequence[torch.Tensor] | Sequence[Sequence[int]]
 
@@ -59,7 +66,9 @@ class LoopSpan:
     """One loop: ``repeats`` copies of a ``period``-gram starting at token ``start``.
 
     ``length`` is the number of tokens covered (it may end in a partial copy), so the span is
-    ``[start, start + length)``. ``exact`` is False when one token varies between copies.
+    ``[start, start + length)``. ``exact`` is False when tokens vary between copies. ``kind`` names the
+    rule: ``"periodic"`` (exact or counter) or ``"copies"`` (a run of tokens that only the copy rule
+    covers; its copies may lie apart, so ``period`` is 0 and ``repeats`` 1 there).
     """
 
     start: int
@@ -67,6 +76,7 @@ class LoopSpan:
     repeats: int
     length: int
     exact: bool = True
+    kind: str = "periodic"
 
     @property
     def end(self) -> int:
@@ -110,14 +120,20 @@ class LoopParams:
     min_span: int = DEFAULT_MIN_SPAN
     k_counter: int | None = DEFAULT_K_COUNTER
     counter_min_period: int = DEFAULT_COUNTER_MIN_PERIOD
+    copy_ngram: int = DEFAULT_COPY_NGRAM
+    copy_gap: int = DEFAULT_COPY_GAP
+    copy_min_span: int | None = DEFAULT_COPY_MIN_SPAN
 
     def __post_init__(self) -> None:
-        for name, low in (("p_max", 1), ("k_min", 2), ("min_span", 1), ("counter_min_period", 2)):
+        for name, low in (("p_max", 1), ("k_min", 2), ("min_span", 1), ("counter_min_period", 2),
+                          ("copy_ngram", 2), ("copy_gap", 0)):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-        if self.k_counter is not None and (not isinstance(self.k_counter, int) or self.k_counter < 2):
-            raise ValueError(f"k_counter must be None or an int >= 2, got {self.k_counter!r}")
+        for name in ("k_counter", "copy_min_span"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 2):
+                raise ValueError(f"{name} must be None or an int >= 2, got {value!r}")
 
     def need(self, p: int, counter: bool = False) -> int:
         """Tokens a loop of period p must cover: ``max(k * p, min_span)``, k = k_min (exact) or k_counter."""
@@ -176,145 +192,6 @@ def _prepare(
     return x, keep.sum(dim=1)
 
 
-def _windows(base: torch.Tensor, w: int, cdtype: torch.dtype) -> torch.Tensor:
-    """``full[j]``: ``base[j : j + w]`` is all True (a cumulative sum, then one difference)."""
-    S = torch.zeros(base.shape[0], base.shape[1] + 1, dtype=cdtype, device=base.device)
-    torch.cumsum(base, dim=1, dtype=cdtype, out=S[:, 1:])
-    return (S[:, w:] - S[:, : S.shape[1] - w]) == w
-
-
-def _spread(full: torch.Tensor, span: int, width: int) -> torch.Tensor:
-    """Positions ``[j, j + span)`` for every True ``full[j]``, as a [R, width] bool (difference array)."""
-    n = full.shape[1]
-    d = torch.zeros(full.shape[0], width + 1, dtype=torch.int32, device=full.device)
-    d[:, :n] += full.to(torch.int32)
-    d[:, span : span + n] -= full.to(torch.int32)
-    return d.cumsum(dim=1)[:, :width] > 0
-
-
-def _at_most_one_miss(eq: torch.Tensor, p: int, cdtype: torch.dtype) -> torch.Tensor:
-    """``good[i]``: at most one False in ``eq[i : i + p]``."""
-    S = torch.zeros(eq.shape[0], eq.shape[1] + 1, dtype=cdtype, device=eq.device)
-    torch.cumsum(~eq, dim=1, dtype=cdtype, out=S[:, 1:])
-    return (S[:, p:] - S[:, : S.shape[1] - p]) <= 1
-
-
-def _runs(full: torch.Tensor) -> list[tuple[int, int, int]]:
-    """Maximal runs of True in ``full`` as (row, first, last)."""
-    first = full.clone()
-    first[:, 1:] &= ~full[:, :-1]
-    last = full.clone()
-    last[:, :-1] &= ~full[:, 1:]
-    return [(r, a, b) for (r, a), (_, b) in zip(first.nonzero().tolist(), last.nonzero().tolist())]
-
-
-def _unit_ok(mask: torch.Tensor, useful: torch.Tensor | None, p: int) -> torch.Tensor:
-    """Drop windows ``j`` whose unit ``x[j : j + p]`` is made only of ignorable tokens."""
-    if useful is None:
-        return mask
-    n = mask.shape[1]
-    return mask & ((useful[:, p : p + n] - useful[:, :n]) > 0)
-
-
-def _exact(
-    e: torch.Tensor, p: int, need: int, useful: torch.Tensor | None, L: int, cdtype: torch.dtype, want: bool
-) -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
-    """Exact loops: w = need - p consecutive eq_i make a p-periodic window of `need` tokens [j, j + w + p)."""
-    w = need - p
-    full = _unit_ok(_windows(e, w, cdtype), useful, p)
-    runs = [(r, a, b + w - 1) for r, a, b in _runs(full)] if want else []  # as eq positions
-    return _spread(full, w + p, L), runs
-
-
-def _counter(
-    e: torch.Tensor, p: int, need: int, useful: torch.Tensor | None, L: int, cdtype: torch.dtype, want: bool
-) -> tuple[torch.Tensor, list[tuple[int, int, int]]]:
-    """Loops whose copies differ in one token: runs of windows eq[i : i + p] with at most one mismatch.
-
-    A run of such windows from j0 to j1 spans eq positions [j0, j1 + p - 1]; it is trimmed to its
-    first and last match (a mismatch at an edge is the loop's boundary, not part of it) and kept
-    when the trimmed tokens [a, b + p] number at least `need`. Only matched positions are covered,
-    so the varying tokens themselves are not counted.
-    """
-    R, M = e.shape
-    good = _unit_ok(_at_most_one_miss(e, p, cdtype), useful, p)
-    empty = e.new_zeros(R, L)
-    if not bool(good.any()):
-        return empty, []
-    first = good.clone()
-    first[:, 1:] &= ~good[:, :-1]
-    last = good.clone()
-    last[:, :-1] &= ~good[:, 1:]
-    (r, j0), (_, j1) = first.nonzero().unbind(1), last.nonzero().unbind(1)
-    idx = torch.arange(M, device=e.device)
-    nxt = torch.where(e, idx, M).flip(1).cummin(dim=1).values.flip(1)  # first match at or after i
-    prv = torch.where(e, idx, -1).cummax(dim=1).values  # last match at or before i
-    a, b = nxt[r, j0], prv[r, j1 + p - 1]
-    keep = (a <= b) & (b - a + 1 + p >= need)
-    if not bool(keep.any()):
-        return empty, []
-    r, a, b = r[keep], a[keep], b[keep]
-    d = torch.zeros(R, M + 1, dtype=torch.int32, device=e.device)
-    ones = torch.ones_like(a, dtype=torch.int32)
-    d.index_put_((r, a), ones, accumulate=True)
-    d.index_put_((r, b + 1), -ones, accumulate=True)
-    ceq = (d.cumsum(dim=1)[:, :M] > 0) & e
-    empty[:, :M] |= ceq
-    empty[:, p:] |= ceq
-    return empty, (list(zip(r.tolist(), a.tolist(), b.tolist())) if want else [])
-
-
-def _scan(
-    x: torch.Tensor, ignorable: torch.Tensor | None, prm: LoopParams, want_spans: bool
-) -> tuple[torch.Tensor, list[tuple[int, int, int, int, bool]]]:
-    """Mark loop tokens of ``x`` [B, L]; also list candidate spans (row, start, period, length, exact).
-
-    Pass 1 finds exact loops for p = 1..p_max; a row is skipped at period p when it has too few
-    matches ``x_i = x_{i+p}`` or when all its matches already lie inside loops found at smaller
-    periods (nothing new can be found there). Pass 2 looks for loops with a varying token among the
-    tokens outside exact loops.
-    """
-    B, L = x.shape
-    device = x.device
-    cdtype = torch.int16 if L < 2**15 else torch.int32
-    covered = torch.zeros(B, L, dtype=torch.bool, device=device)
-    useful = None
-    if ignorable is not None:  # prefix counts of tokens that may make up a loop unit
-        useful = torch.zeros(B, L + 1, dtype=torch.int32, device=device)
-        torch.cumsum(~ignorable, dim=1, dtype=torch.int32, out=useful[:, 1:])
-    spans: list[tuple[int, int, int, int, bool]] = []
-    p_top = min(prm.p_max, L - 1)
-    for counter in (False, True):
-        if counter and prm.k_counter is None:
-            break
-        outside = ~covered  # pass 2: tokens not in an exact loop
-        for p in range(prm.counter_min_period if counter else 1, p_top + 1):
-            M = L - p
-            need = prm.need(p, counter)
-            if need - p > M:
-                continue
-            eq = x[:, p:] == x[:, :M]  # eq_i: x_i == x_{i+p}, i in [0, M)
-            if counter:
-                eq &= outside[:, :M] & outside[:, p:]
-            least = (need - p) * (p - 1) // p if counter else need - p  # matches a loop needs
-            rows = (eq.sum(dim=1, dtype=torch.int32) >= least).nonzero().squeeze(1)
-            if rows.numel() == 0:
-                continue
-            e = eq[rows]
-            if not counter:  # some match must touch a token that is not in a loop yet
-                cv = covered[rows]
-                fresh = (e & ~(cv[:, :M] & cv[:, p:])).any(dim=1)
-                rows, e = rows[fresh], e[fresh]
-                if rows.numel() == 0:
-                    continue
-            u = None if useful is None else useful[rows]
-            cov, runs = (_counter if counter else _exact)(e, p, need, u, L, cdtype, want_spans)
-            covered[rows] |= cov
-            for r, a, b in runs:  # eq positions [a, b] -> tokens [a, b + p]
-                spans.append((int(rows[r]), a, p, b - a + 1 + p, not counter))
-    return covered, spans
-
-
 def _run(
     completion_ids: IdsInput,
     pad_ids: Sequence[int],
@@ -322,11 +199,16 @@ def _run(
     ignore_ids: Sequence[int],
     prm: LoopParams,
     want_spans: bool,
-) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int, int, int, bool]]]:
+) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int, int, int, bool]], torch.Tensor | None]:
+    """Covered tokens [B, L], token counts [B], periodic spans, and the tokens covered by copies (or None)."""
     x, n_tokens = _prepare(completion_ids, pad_ids, unknown_ids)
     ignorable = torch.isin(x, torch.as_tensor(list(ignore_ids), device=x.device)) if len(ignore_ids) else None
-    covered, spans = _scan(x, ignorable, prm, want_spans)
-    return covered, n_tokens, spans
+    covered, spans = scan_periodic(x, ignorable, prm, want_spans)
+    copies = None
+    if prm.copy_min_span is not None and x.shape[1]:
+        copies = scan_copies(x, ignorable, prm.copy_ngram, prm.copy_gap, prm.copy_min_span, prm.k_min)
+        covered = covered | copies
+    return covered, n_tokens, spans, copies
 
 
 def loop_coverage(
@@ -339,15 +221,29 @@ def loop_coverage(
 ) -> LoopCoverage:
     """Which tokens lie in a loop, as tensors (no per-row Python); arguments as in :func:`detect_loops`
     (``params`` are the :class:`LoopParams` fields: ``p_max``, ``k_min``, ``min_span``, ``k_counter``,
-    ``counter_min_period``).
+    ``counter_min_period``, ``copy_ngram``, ``copy_gap``, ``copy_min_span``).
 
     Cheap enough to call on partly decoded batches at every denoising step (pass the mask token in
     ``unknown_ids``); runs on the device of ``completion_ids``.
     """
-    covered, n_tokens, _ = _run(completion_ids, pad_ids, unknown_ids, ignore_ids, LoopParams(**params),
-                                want_spans=False)
+    covered, n_tokens, _, _ = _run(completion_ids, pad_ids, unknown_ids, ignore_ids, LoopParams(**params),
+                                   want_spans=False)
     fraction = covered.sum(dim=1).float() / n_tokens.clamp(min=1).float()
     return LoopCoverage(covered, n_tokens, fraction)
+
+
+def _copy_runs(copies: torch.Tensor, covered: torch.Tensor,
+               kept: list[list[LoopSpan]]) -> list[tuple[int, int, int]]:
+    """Maximal runs of copy-rule tokens outside every periodic span, as (row, start, length)."""
+    only = copies.clone()
+    for row, spans in enumerate(kept):
+        for s in spans:
+            only[row, s.start : s.end] = False
+    first = only.clone()
+    first[:, 1:] &= ~only[:, :-1]
+    last = only.clone()
+    last[:, :-1] &= ~only[:, 1:]
+    return [(r, a, b - a + 1) for (r, a), (_, b) in zip(first.nonzero().tolist(), last.nonzero().tolist())]
 
 
 def detect_loops(
@@ -361,6 +257,9 @@ def detect_loops(
     min_span: int = DEFAULT_MIN_SPAN,
     k_counter: int | None = DEFAULT_K_COUNTER,
     counter_min_period: int = DEFAULT_COUNTER_MIN_PERIOD,
+    copy_ngram: int = DEFAULT_COPY_NGRAM,
+    copy_gap: int = DEFAULT_COPY_GAP,
+    copy_min_span: int | None = DEFAULT_COPY_MIN_SPAN,
 ) -> list[LoopReport]:
     """Find repetition loops in a batch of completions.
 
@@ -378,14 +277,19 @@ def detect_loops(
         k_counter: fewest copies of a unit in which one token varies from copy to copy (a counter,
             "Step 7: ... Step 8: ...", or a sampled substitution); ``None`` allows exact loops only.
         counter_min_period: shortest period for which a varying token is allowed.
+        copy_ngram: ``w``, the n-gram size by which copies are found (a copy must match in runs of
+            ``w`` tokens; a varying token breaks the ``w`` n-grams that hold it).
+        copy_gap: longest break (in positions) bridged inside one copy.
+        copy_min_span: fewest tokens one copy must span for the copy rule; ``None`` turns it off.
 
     Returns:
-        One :class:`LoopReport` per completion: loop fraction and the spans found, each with the
-        smallest period that explains it (spans found again at multiples of that period, or inside
-        a span of a smaller period, are dropped; overlapping spans of unrelated periods are kept).
+        One :class:`LoopReport` per completion: loop fraction and the spans found, each periodic span
+        with the smallest period that explains it (spans found again at multiples of that period, or
+        inside a span of a smaller period, are dropped; overlapping spans of unrelated periods are
+        kept), then the runs of tokens only the copy rule covers (``kind="copies"``).
     """
-    prm = LoopParams(p_max, k_min, min_span, k_counter, counter_min_period)
-    covered, n_tokens, raw = _run(completion_ids, pad_ids, unknown_ids, ignore_ids, prm, want_spans=True)
+    prm = LoopParams(p_max, k_min, min_span, k_counter, counter_min_period, copy_ngram, copy_gap, copy_min_span)
+    covered, n_tokens, raw, copies = _run(completion_ids, pad_ids, unknown_ids, ignore_ids, prm, want_spans=True)
     n_cov = covered.sum(dim=1).tolist()
     n_tok = n_tokens.tolist()
     kept: list[list[LoopSpan]] = [[] for _ in range(covered.shape[0])]
@@ -393,6 +297,9 @@ def detect_loops(
         if any(s.start <= start and start + length <= s.end for s in kept[row]):
             continue  # the same tokens are already explained by a smaller period (or an exact loop)
         kept[row].append(LoopSpan(start, period, length // period, length, exact))
+    if copies is not None:
+        for row, start, length in _copy_runs(copies, covered, kept):
+            kept[row].append(LoopSpan(start, 0, 1, length, exact=False, kind="copies"))
     return [
         LoopReport(
             fraction=(n_cov[b] / n_tok[b]) if n_tok[b] else 0.0,

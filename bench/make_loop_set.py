@@ -1,7 +1,13 @@
-"""Generate the labelled loop-detection evaluation set (bench/data/loops_eval.jsonl).
+"""Build the labelled loop-detection sets: synthetic (bench/data/loops_eval.jsonl) and real (loops_real.jsonl).
 
     python bench/make_loop_set.py                 # seed 0, 680 rows -> bench/data/loops_eval.jsonl
     python bench/make_loop_set.py --seed 1 --out /tmp/loops_dev.jsonl   # a dev split for tuning
+    python bench/make_loop_set.py --real D1_GIT_DIR   # the real set from a git snapshot of dllm-reasoning/d1,
+                                                      # with the labels of bench/data/loops_real_labels.tsv
+
+The real set (:func:`sample_real`, :func:`write_real`; provenance and labelling rules in
+``bench/data/README.md``) samples LLaDA-8B-Instruct evaluation generations published with d1 and joins
+them with the hand labels. The rest of this docstring is about the synthetic set.
 
 Each row is one completion: ``text``, ``label`` (1 = degenerate repetition loop), ``kind``,
 ``gen_length`` (the decoding budget in tokens) and ``ended`` (False when the text was cut at the
@@ -24,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -409,12 +416,103 @@ def generate(seed: int, n_per_kind: int = 40, budgets: tuple[int, ...] = (128, 2
     return [{"id": f"s{seed}-{i:04d}", **row} for i, row in enumerate(rows)]
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# The real set: LLaDA-8B-Instruct evaluation generations published with d1 (bench/data/README.md)
+
+D1_REPO = "dllm-reasoning/d1"
+D1_FILE_RE = regex.compile(r"eval/eval_baselines/([a-z0-9]+)_instruct_(\d+)_\d+_\d+_generations\.json")
+STOP_RE = regex.compile(r"<\|(?:eot_id|endoftext)\|>")
+TASKS = ("gsm8k", "math500", "countdown", "sudoku")
+LENGTHS = (128, 256, 512)
+
+
+def _git(git_dir: Path, *args: str) -> str:
+    return subprocess.run(["git", "-C", str(git_dir), *args], check=True, capture_output=True, text=True).stdout
+
+
+def read_d1(git_dir: Path) -> tuple[str, dict[tuple[str, int], list[dict]]]:
+    """Every generation in d1's ``eval/eval_baselines`` at the snapshot's HEAD, by (task, gen_length)."""
+    commit = _git(git_dir, "rev-parse", "HEAD").strip()
+    cells: dict[tuple[str, int], list[dict]] = {}
+    for path in sorted(_git(git_dir, "ls-tree", "-r", "--name-only", commit, "eval/eval_baselines").split()):
+        m = D1_FILE_RE.fullmatch(path)
+        if not m:
+            continue
+        data = json.loads(_git(git_dir, "show", f"{commit}:{path}"))
+        for i, g in enumerate(data["generations"]):
+            raw = g["generations"]
+            stop = STOP_RE.search(raw)
+            cells.setdefault((m.group(1), int(m.group(2))), []).append({
+                "question": g["question"], "ground_truth": str(g.get("ground_truth", "")),
+                "text": raw[: stop.start()] if stop else raw, "ended": stop is not None,
+                "source": {"repo": D1_REPO, "commit": commit, "path": path, "index": i},
+                "model": "LLaDA-8B-Instruct", "block_length": data.get("block_length"),
+                "diffusion_steps": data.get("diffusion_steps"),
+            })
+    return commit, cells
+
+
+def sample_real(git_dir: Path, seed: int = 0, n_dev: int = 30, n_test: int = 20) -> list[dict]:
+    """``n_dev + n_test`` generations per (task, gen_length), questions disjoint across all of them.
+
+    For each task the questions present at every length are shuffled with ``seed``; the first ``n_dev``
+    are read at 128 tokens, the next ``n_dev`` at 256, the next at 512 (the dev split); then ``n_test``
+    more at each length in the same way (the test split).
+    """
+    _, cells = read_d1(git_dir)
+    rng = random.Random(seed)
+    rows = []
+    for task in TASKS:
+        by_len = {n: {g["question"]: g for g in cells[(task, n)]} for n in LENGTHS}
+        common = sorted(set.intersection(*(set(b) for b in by_len.values())))
+        rng.shuffle(common)
+        for split, first, size in (("dev", 0, n_dev), ("test", len(LENGTHS) * n_dev, n_test)):
+            for j, n in enumerate(LENGTHS):
+                for k, q in enumerate(common[first + j * size : first + (j + 1) * size]):
+                    rid = f"{task}-{n}-{k:02d}" if split == "dev" else f"{task}-{n}-t{k:02d}"
+                    rows.append({"id": rid, "task": task, "gen_length": n, "split": split, **by_len[n][q]})
+    return rows
+
+
+LABEL_FIELDS = ("label", "confidence", "kind", "note")
+
+
+def read_labels(path: Path) -> dict[str, dict]:
+    """Hand labels: a TSV of id, label (0/1), confidence, kind, note; '#' lines are comments."""
+    out = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        rid, label, conf, kind, *note = line.split("\t")
+        out[rid] = {"label": int(label), "confidence": conf, "kind": kind, "note": "\t".join(note)}
+    return out
+
+
+def write_real(git_dir: Path, out: Path, labels: Path, seed: int = 0) -> None:
+    rows = sample_real(git_dir, seed)
+    lab = read_labels(labels) if labels.exists() else {}
+    with out.open("w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps({**r, **lab.get(r["id"], dict.fromkeys(LABEL_FIELDS))}, ensure_ascii=False) + "\n")
+    n_lab = sum(r["id"] in lab for r in rows)
+    print(f"wrote {len(rows)} real generations ({n_lab} labelled, "
+          f"{sum(lab[r['id']]['label'] for r in rows if r['id'] in lab)} loops) to {out}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--n-per-kind", type=int, default=40)
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "data" / "loops_eval.jsonl")
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--real", type=Path, default=None, metavar="D1_GIT_DIR",
+                    help="build the real set from a git snapshot of dllm-reasoning/d1 instead")
+    ap.add_argument("--labels", type=Path, default=Path(__file__).parent / "data" / "loops_real_labels.tsv")
     args = ap.parse_args()
+    if args.real is not None:
+        write_real(args.real, args.out or Path(__file__).parent / "data" / "loops_real.jsonl", args.labels,
+                   seed=args.seed)
+        return
+    args.out = args.out or Path(__file__).parent / "data" / "loops_eval.jsonl"
     rows = generate(args.seed, args.n_per_kind)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with args.out.open("w", encoding="utf-8") as f:

@@ -11,6 +11,11 @@ Supported row shapes (TRL's dataset formats):
 With a chat template, the completion is the suffix of the templated full conversation after the
 templated prompt (so it carries the end-of-turn token); otherwise the completion text gets the EOS
 token appended. Bad rows raise :class:`DataFormatError` naming the source, row and field.
+
+A recipe's ``data.system_prompt`` is put in front of every prompt by :func:`add_system_prompt`: as a system
+message before a message list, and before a plain-string prompt (which becomes the user message) when the prompt
+is tokenized. Without a chat template, message prompts are rendered as their contents joined by newlines
+(:func:`encode_prompt`), so the system prompt is then the first line.
 """
 
 from __future__ import annotations
@@ -59,6 +64,30 @@ def _check_messages(msgs: Any, where: str, field: str) -> list[dict[str, str]]:
         if not isinstance(m, Mapping) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             raise DataFormatError(f"{where}: field '{field}'[{j}] must be a dict with string 'role' and 'content'")
     return [{"role": m["role"], "content": m["content"]} for m in msgs]
+
+
+def is_conversational(prompt: Any) -> bool:
+    """Whether ``prompt`` is a list of chat messages (TRL's test: a list whose first item has a ``role``)."""
+    return isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], Mapping) and "role" in prompt[0]
+
+
+def add_system_prompt(prompt: list[dict[str, str]] | str, system_prompt: str | None, where: str = "prompt"
+                      ) -> list[dict[str, str]] | str:
+    """``prompt`` with ``system_prompt`` in front (unchanged when ``system_prompt`` is None).
+
+    A message list gets ``{"role": "system", "content": system_prompt}`` as its first message; a string becomes
+    ``[system message, {"role": "user", "content": prompt}]``. A prompt that already starts with a system message
+    raises :class:`DataFormatError` (``where`` names the row): two system prompts would be ambiguous.
+    """
+    if system_prompt is None:
+        return prompt
+    system = {"role": "system", "content": system_prompt}
+    if isinstance(prompt, str):
+        return [system, {"role": "user", "content": prompt}]
+    if prompt and prompt[0].get("role") == "system":
+        raise DataFormatError(f"{where}: the prompt already starts with a system message, and data.system_prompt "
+                              "is set; remove one of them")
+    return [system, *prompt]
 
 
 def _as_prompt_messages(prompt: Any, where: str, field: str) -> list[dict[str, str]]:

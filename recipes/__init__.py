@@ -33,6 +33,18 @@ def recipe_path(name_or_path: str) -> Path:
                             f"shipped recipes: {', '.join(list_recipes())}")
 
 
+def shipped_file(relative: str) -> Path | None:
+    """A file shipped beside the recipes (``accelerate/zero3.json``), or None; a leading ``recipes/`` is
+    ignored, so ``recipes/accelerate/zero3.json`` names the same file from anywhere."""
+    rel = Path(relative)
+    if rel.is_absolute() or ".." in rel.parts:
+        return None
+    if rel.parts and rel.parts[0] == "recipes":
+        rel = Path(*rel.parts[1:]) if len(rel.parts) > 1 else Path()
+    candidate = _root() / rel
+    return candidate if rel.parts and candidate.is_file() else None
+
+
 def recipe_description(path: Path) -> str:
     """The first comment line after the run command, used by ``dlm-align ls``."""
     lines = [ln[1:].strip() for ln in path.read_text().splitlines()[:6] if ln.startswith("#")]

@@ -1,8 +1,9 @@
 """Helpers shared by the reward functions: completion text, token-id lists, whitespace ids.
 
 TRL passes completions either as strings (standard data) or as lists of chat messages
-(``[{"role": "assistant", "content": "..."}]``, conversational data); ``completion_ids`` is a list of
-per-completion token-id lists. Every reward in this package accepts both forms through these helpers.
+(``[{"role": "assistant", "content": "..."}]``, conversational data), and dlm-align's GRPO stage does the same,
+following the form of the dataset's prompts; ``completion_ids`` is a list of per-completion token-id lists.
+Every reward in this package accepts both forms through these helpers.
 """
 
 from __future__ import annotations

@@ -85,3 +85,35 @@ def save_word_tokenizer():
         PreTrainedTokenizerFast(tokenizer_object=raw, mask_token=mask_token, unk_token="w0").save_pretrained(path)
 
     return save
+
+
+@pytest.fixture(scope="session")
+def add_to_hub_cache():
+    """Factory ``add_to_hub_cache(cache, repo_id, commit, files_from, ref="main") -> snapshot dir``.
+
+    Lays the files under ``files_from`` out as huggingface_hub does in a cache directory: content-addressed blobs,
+    a snapshot directory of relative symlinks named by the commit, and ``refs/<ref>`` holding the commit hash. With
+    ``HF_HUB_CACHE`` pointing at ``cache`` and ``HF_HUB_OFFLINE=1``, the repo id then resolves with no network.
+    """
+    import hashlib
+    from pathlib import Path
+
+    def add(cache: Path, repo_id: str, commit: str, files_from: Path, ref: str = "main") -> Path:
+        repo = Path(cache) / ("models--" + repo_id.replace("/", "--"))
+        snapshot = repo / "snapshots" / commit
+        (repo / "blobs").mkdir(parents=True, exist_ok=True)
+        snapshot.mkdir(parents=True, exist_ok=True)
+        for src in sorted(Path(files_from).rglob("*")):
+            if src.is_dir():
+                continue
+            data = src.read_bytes()
+            blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+            blob.write_bytes(data)
+            link = snapshot / src.relative_to(files_from)
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(os.path.relpath(blob, link.parent))
+        (repo / "refs").mkdir(exist_ok=True)
+        (repo / "refs" / ref).write_text(commit)  # no trailing newline, as the Hub client writes it
+        return snapshot
+
+    return add

@@ -10,7 +10,7 @@ from pathlib import Path
 
 EPILOG = """examples:
   dlm-align ls                                   list shipped recipes
-  dlm-align validate quickstart                  check a recipe without running it
+  dlm-align validate quickstart                  check a recipe, its paths and rows; plan and memory per GPU
   dlm-align run quickstart                       run a shipped recipe
   dlm-align run my.yaml sft.learning_rate=1e-4   run a file with overrides (key.sub=value, YAML values)
   dlm-align cp quickstart my.yaml                copy a shipped recipe to edit it
@@ -25,16 +25,6 @@ def _cmd_ls(args: argparse.Namespace) -> int:
     width = max((len(n) for n in names), default=10)
     for n in names:
         print(f"{n:<{width}}  {recipe_description(recipe_path(n))}")
-    return 0
-
-
-def _cmd_validate(args: argparse.Namespace) -> int:
-    from align.config import load_config
-    from align.recipes import recipe_path
-
-    path = recipe_path(args.recipe)
-    cfg = load_config(path, args.overrides)
-    print(f"{path}: ok (stages: {', '.join(cfg.stages)}; output_dir: {cfg.output_dir})")
     return 0
 
 
@@ -93,10 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. sft.max_steps=100 eval.enabled=false")
     p.set_defaults(func=_cmd_run)
 
-    p = sub.add_parser("validate", help="load and check a recipe without running it")
-    p.add_argument("recipe")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
-    p.set_defaults(func=_cmd_validate)
+    from align.cli.validate import add_validate_parser
+
+    add_validate_parser(sub)
 
     p = sub.add_parser("ls", help="list the shipped recipes")
     p.set_defaults(func=_cmd_ls)
@@ -113,6 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
         add_generate_parser = None
     if add_generate_parser is not None:
         add_generate_parser(sub)
+
+    from align.cli.merge import add_merge_parser
+
+    add_merge_parser(sub)
     return parser
 
 

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from align.data.formatting import DataFormatError
+from align.models.adapters import DENOISER_KINDS
 from align.models.resolve import DTYPES, builtin_checkpoints
 from align.sampling import BACKENDS, CACHE_MODES, EOS_POLICIES, REMASKING
 
@@ -28,6 +29,7 @@ EXAMPLES = """examples:
   dlm-align generate --model runs/quickstart/sft/final --prompts prompts.txt
   dlm-align generate --model builtin:quickstart-base --prompt "What is 7 + 5?" --gen-length 32
   HF_HUB_OFFLINE=1 dlm-align generate --model GSAI-ML/LLaDA-8B-Instruct --prompt "Hi." --cache dual
+  dlm-align generate --model /ckpt/Dream-v0-Instruct-7B --adapter dream --prompt "Hi." --gen-length 64
   echo "What is 7 + 5?" | dlm-align generate --model ckpt --gen-length 64 --block-length 32
   dlm-align generate --model ckpt --prompts eval.jsonl --threshold 0.9 --cache prefix --output out.jsonl
   dlm-align generate --model ckpt --prompt "Tell a story." --temperature 0.8 --num-generations 4 --seed 1
@@ -70,6 +72,9 @@ def add_generate_parser(subparsers: argparse._SubParsersAction) -> argparse.Argu
                      help="the model: builtin:<name> (shipped: " + shipped + "), a checkpoint directory "
                           "(config.json, weights, tokenizer), or a Hugging Face Hub id org/name[@revision] "
                           "(with HF_HUB_OFFLINE=1, from the local cache only); see docs/models.md")
+    src.add_argument("--adapter", default="auto", choices=DENOISER_KINDS,
+                     help="how to load --model: auto (from its config.json: LLaDA natively, Dream, or any other "
+                          "masked LM through its adapter), llada, dream or masked_lm (default auto)")
     src.add_argument("--prompts", default=None,
                      help="prompts file: .jsonl with a 'prompt' field per line, otherwise one prompt per line; "
                           "'-' or omitted (without --prompt) reads standard input")
@@ -179,6 +184,31 @@ def _device_and_dtype(args: argparse.Namespace) -> tuple[torch.device, torch.dty
     return device, DTYPES[args.dtype]
 
 
+def _load(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> tuple[Any, Any]:
+    """The model (through ``--adapter``) and tokenizer of ``--model``, in eval mode. A ``--cache`` the model
+    cannot use is rejected before any weights are read."""
+    from align.models import load_tokenizer, resolve_model
+    from align.models.adapters import KV_CONTEXT_KINDS, MissingMaskTokenError, detect_denoiser_kind, load_denoiser
+    from align.sampling import SamplingConfigError
+
+    resolved = resolve_model(args.model)  # any spec: builtin:<name>, a directory, a Hub id
+    kind = detect_denoiser_kind(resolved.path, args.adapter)  # None without a config.json: load_denoiser says so
+    if args.cache != "none" and kind is not None and kind not in KV_CONTEXT_KINDS:
+        raise SamplingConfigError(f"--cache {args.cache} needs KV-context support, which the {kind} adapter of "
+                                  f"{args.model} does not have; use --cache none")
+    tokenizer = load_tokenizer(resolved)
+    try:
+        model = load_denoiser(resolved, kind or args.adapter, dtype=dtype, device=device, mask_token_id=args.mask_id,
+                              tokenizer=tokenizer)
+    except MissingMaskTokenError as err:
+        raise MissingMaskTokenError(f"{args.model}: no mask token id in its config.json or tokenizer; pass --mask-id"
+                                    ) from err
+    if len(tokenizer) > model.config.vocab_size:
+        logger.warning("%s: tokenizer has %d tokens but the model's vocab_size is %d", args.model, len(tokenizer),
+                       model.config.vocab_size)
+    return model.eval(), tokenizer
+
+
 def run_generate(args: argparse.Namespace) -> int:
     """Run ``dlm-align generate``; returns the exit status (2 for bad input or settings)."""
     from align.data.collator import left_pad
@@ -189,11 +219,8 @@ def run_generate(args: argparse.Namespace) -> int:
         prompts = read_prompts(args.prompts, args.prompt)
         if args.batch_size <= 0:
             raise SamplingConfigError(f"--batch-size must be positive, got {args.batch_size}")
-        from align.models import load_model_and_tokenizer  # any spec: builtin:<name>, a directory, a Hub id
-
         device, dtype = _device_and_dtype(args)
-        model, tokenizer = load_model_and_tokenizer(args.model, dtype=dtype, device=device)
-        model.eval()
+        model, tokenizer = _load(args, device, dtype)
         if not args.raw and not getattr(tokenizer, "chat_template", None):
             raise DataFormatError(f"{args.model}: the tokenizer has no chat template; pass --raw for plain prompts")
         from align.data.formatting import encode_prompt

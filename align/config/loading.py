@@ -8,6 +8,7 @@ from typing import Any
 
 import yaml
 
+from align.config.paths import resolve_recipe_paths
 from align.config.schema import build_section, renamed_error, yaml_load
 from align.config.sections import RecipeConfig
 from align.config.validate import validate
@@ -70,19 +71,31 @@ def _check_renamed(raw: dict[str, Any]) -> None:
                     raise err
 
 
-def config_from_dict(raw: dict[str, Any], *, source: str = "recipe") -> RecipeConfig:
-    """Build and validate a :class:`RecipeConfig`; errors are prefixed with ``source``."""
+def config_from_dict(raw: dict[str, Any], *, source: str = "recipe", base_dir: str | Path | None = None
+                     ) -> RecipeConfig:
+    """Build and validate a :class:`RecipeConfig`; errors are prefixed with ``source``.
+
+    Relative input paths are made absolute (:mod:`align.config.paths`): looked up in the current directory,
+    then in ``base_dir`` (the recipe file's directory), then among the shipped files.
+    """
     try:
         _check_renamed(raw)
+        raw = resolve_recipe_paths(raw, base_dir, cwd_first=True)
         return validate(build_section(RecipeConfig, raw, ""))
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RecipeConfig:
-    """Load a recipe file, apply ``key=value`` overrides, and validate the result."""
-    raw = apply_overrides(load_recipe_dict(path), list(overrides or []))
-    return config_from_dict(raw, source=str(path))
+    """Load a recipe file, apply ``key=value`` overrides, and validate the result.
+
+    Relative input paths written in the file are looked up next to the file first; those given in
+    ``overrides`` in the current directory first (:mod:`align.config.paths`).
+    """
+    base_dir = Path(path).parent
+    raw = resolve_recipe_paths(load_recipe_dict(path), base_dir)
+    raw = apply_overrides(raw, list(overrides or []))
+    return config_from_dict(raw, source=str(path), base_dir=base_dir)
 
 
 def config_to_dict(cfg: RecipeConfig) -> dict[str, Any]:

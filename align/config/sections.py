@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,15 +20,19 @@ from align.data.formatting import FORMATS
 from align.data.loading import BUILTIN_TASKS
 from align.data.task import ArithmeticTaskSpec
 from align.loops import detect_loops
+from align.models.adapters import DENOISER_KINDS
 from align.models.llada import ATTN_IMPLEMENTATIONS
+from align.models.loading import LORA_BIAS, LORA_INIT_UNSUPPORTED, LORA_INIT_WEIGHTS
 from align.models.resolve import DTYPES
 from align.options import FieldError, check_choice, check_range
 from align.sampling.settings import SamplerSettings
 from align.trainers.grpo_config import GRPOOptions
 from align.trainers.sft_config import DiffusionSFTOptions
+from align.trainers.vrpo_config import VRPOOptions
 
 #: stages a recipe may run, in the order they make sense, and the options class of each.
-STAGE_OPTIONS: dict[str, type] = {"pretrain": DiffusionSFTOptions, "sft": DiffusionSFTOptions, "grpo": GRPOOptions}
+STAGE_OPTIONS: dict[str, type] = {"pretrain": DiffusionSFTOptions, "sft": DiffusionSFTOptions, "grpo": GRPOOptions,
+                                   "vrpo": VRPOOptions}
 STAGES = tuple(STAGE_OPTIONS)
 #: loggers of training metrics (``all`` = every installed one, as in transformers).
 REPORT_TO = ("none", "wandb", "tensorboard", "trackio", "all")
@@ -43,6 +48,10 @@ class ModelConfig:
         path: the checkpoint: ``builtin:<name>`` (shipped with the package, e.g. ``builtin:quickstart-base``), a
             local directory in Hugging Face format, or a Hub id (``org/name``, read from the Hugging Face cache;
             ``HF_HUB_OFFLINE=1`` is honoured).
+        adapter: how to load ``path``: ``auto`` (from its ``config.json``: LLaDA natively, Dream through
+            :class:`~align.models.adapters.DreamAdapter`, any other masked LM through
+            :class:`~align.models.adapters.MaskedLMAdapter`), or one of ``llada``, ``dream``, ``masked_lm``
+            (see :func:`~align.models.adapters.load_denoiser`). With ``init_config`` only ``auto`` or ``llada``.
         init_config: instead of ``path``, build a randomly initialised native LLaDA model from these
             :class:`~align.models.LLaDAConfig` fields (used by pre-training recipes).
         tokenizer: tokenizer (same forms as ``path``); defaults to ``path``. ``builtin:arithmetic`` builds the
@@ -54,6 +63,7 @@ class ModelConfig:
     """
 
     path: str | None = None
+    adapter: str = "auto"
     init_config: dict[str, Any] | None = None
     tokenizer: str | None = None
     mask_token_id: int | None = None
@@ -69,6 +79,10 @@ class ModelConfig:
             raise FieldError("tokenizer", "is required with 'init_config'", ("init_config",))
         check_choice("dtype", self.dtype, DTYPES)
         check_choice("attn_implementation", self.attn_implementation, ATTN_IMPLEMENTATIONS)
+        check_choice("adapter", self.adapter, DENOISER_KINDS)
+        if self.init_config is not None and self.adapter not in ("auto", "llada"):
+            raise FieldError("adapter", f"is {self.adapter!r}, but 'init_config' builds a native LLaDA model; "
+                                        "use 'auto' or 'llada'", ("init_config",))
 
 
 @dataclass
@@ -85,6 +99,12 @@ class DataConfig:
         prompt_column, completion_column, messages_column, text_column, answer_column: column names.
         use_chat_template: wrap prompts in the tokenizer's chat template.
         max_length: longest prompt + completion in tokens; longer rows are dropped and counted.
+        system_prompt: a system message put in front of every prompt (SFT, GRPO and evaluation alike;
+            :func:`~align.data.formatting.add_system_prompt`): before the messages of a conversational prompt,
+            and before a string prompt, which becomes the user message. Without a chat template the messages are
+            joined by newlines, so it is the prompt's first line. Rewards see it in conversational prompts only
+            (string prompts reach them as the dataset's strings). A row that already has a system message is an
+            error. Not allowed with ``format: text`` (no prompts).
     """
 
     task: str | None = "arithmetic"
@@ -99,6 +119,7 @@ class DataConfig:
     answer_column: str = "answer"
     use_chat_template: bool = True
     max_length: int | None = 512
+    system_prompt: str | None = None
 
     def __post_init__(self) -> None:
         if (self.task is None) == (self.train_files is None):
@@ -116,32 +137,96 @@ class DataConfig:
         check_choice("format", self.format, FORMATS)
         if self.max_length is not None and self.max_length < 2:
             raise FieldError("max_length", f"must be >= 2, got {self.max_length}")
+        if self.system_prompt is not None and not self.system_prompt.strip():
+            raise FieldError("system_prompt", "is empty; leave it unset (null) for no system prompt")
+        if self.system_prompt is not None and self.format == "text":
+            raise FieldError("system_prompt", "cannot apply with 'format' text: plain-text rows have no prompt",
+                             ("format",))
 
 
 @dataclass
 class PeftConfig:
-    """LoRA adapter settings (``peft: null`` trains all weights).
+    """LoRA adapter settings (``peft: null`` trains all weights); the options are PEFT's ``LoraConfig`` fields.
 
     Attributes:
         r, lora_alpha, lora_dropout: LoRA rank, scaling numerator and dropout.
-        target_modules: module names, or ``auto`` for the model's own list (LLaDA: q_proj, k_proj, v_proj,
-            attn_out, ff_proj, up_proj, ff_out). Names that match no module are an error.
+        target_modules: ``auto`` (the body's linear layers by full module name, so the output head is never
+            adapted; LLaDA: every block's q_proj, k_proj, v_proj, attn_out, ff_proj, up_proj, ff_out), a list of
+            names (PEFT matches a name or a ``.``-suffix of a full name) or a regular expression matched against
+            full names. Names and patterns that match no module are an error when the model is built.
+        exclude_modules: names or a regular expression of modules to leave without an adapter (same matching).
+        modules_to_save: modules trained in full and saved with the adapter (e.g. ``model.transformer.ff_out``,
+            LLaDA's output head); PEFT matches them by name suffix.
+        use_rslora: scale by ``lora_alpha / sqrt(r)`` instead of ``lora_alpha / r``.
+        use_dora: weight-decomposed LoRA (DoRA): a trained magnitude per output feature besides the update.
+        init_lora_weights: ``true`` (B = 0, the adapter starts as a no-op), ``false`` (random A and B),
+            ``gaussian`` or ``orthogonal`` (needs an even ``r``). PEFT's initialisations that rewrite the base weights
+            or need an extra pass over data (pissa, olora, corda, eva, lora_ga, loftq) are rejected.
+        bias: ``none``, ``all`` (train every bias) or ``lora_only`` (the biases of the adapted layers).
+        merge: merge the adapter into the weights at the end of each stage.
 
-    At the end of each stage the adapter is saved alone (``<stage>/adapter``), then merged into the weights
-    (``<stage>/final``); evaluation and later stages start from the merged model.
+    At the end of each stage the adapter is saved alone (``<stage>/adapter``, with the tokenizer). With ``merge: true``
+    it is then merged: ``<stage>/final`` holds the merged model and tokenizer, and evaluation and later stages use the
+    merged model (a later stage trains a new adapter on it). With ``merge: false`` no merged weights are written:
+    ``<stage>/final`` holds a copy of the adapter (no ``config.json``, no model weights), evaluation uses the model
+    with the adapter applied, in process, and a later stage keeps training the same adapter (its GRPO reference, the
+    model with the adapter disabled, is then the base model). ``dlm-align merge`` merges a saved adapter later.
     """
 
     r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.0
     target_modules: list[str] | str = "auto"
+    exclude_modules: list[str] | str | None = None
+    modules_to_save: list[str] | None = None
+    use_rslora: bool = False
+    use_dora: bool = False
+    init_lora_weights: bool | str = True
+    bias: str = "none"
+    merge: bool = True
 
     def __post_init__(self) -> None:
         if self.r < 1:
             raise FieldError("r", f"must be >= 1, got {self.r}")
+        check_range("lora_alpha", self.lora_alpha, low=0, low_open=True)
         check_range("lora_dropout", self.lora_dropout, low=0.0, high=1.0, high_open=True)
-        if isinstance(self.target_modules, str) and self.target_modules != "auto":
-            raise FieldError("target_modules", f"must be 'auto' or a list of names, got {self.target_modules!r}")
+        if self.target_modules == "all-linear":
+            raise FieldError("target_modules", "'all-linear' is not accepted: use 'auto' (every linear layer of the "
+                                               "body by full name, output head excluded)")
+        if self.target_modules != "auto":
+            _check_module_names("target_modules", self.target_modules)
+        if self.exclude_modules is not None:
+            _check_module_names("exclude_modules", self.exclude_modules)
+        if self.modules_to_save is not None:
+            _check_module_names("modules_to_save", self.modules_to_save)
+        self._check_init()
+        check_choice("bias", self.bias, LORA_BIAS)
+
+    def _check_init(self) -> None:
+        init = self.init_lora_weights
+        if isinstance(init, str) and init not in LORA_INIT_WEIGHTS:
+            family = "pissa" if init.startswith("pissa") else init
+            if family in LORA_INIT_UNSUPPORTED:
+                raise FieldError("init_lora_weights", f"{init!r} is not supported: it {LORA_INIT_UNSUPPORTED[family]}")
+            shown = ", ".join(str(v).lower() if isinstance(v, bool) else v for v in LORA_INIT_WEIGHTS)
+            raise FieldError("init_lora_weights", f"must be one of {shown}, got {init!r}")
+        if init == "orthogonal" and self.r % 2:
+            raise FieldError("init_lora_weights", f"'orthogonal' needs an even 'r', got r={self.r}", ("r",))
+
+
+def _check_module_names(key: str, value: list[str] | str) -> None:
+    """A non-empty list of non-empty module names, or a valid regular expression."""
+    if isinstance(value, str):
+        try:
+            re.compile(value)
+        except re.error as err:
+            raise FieldError(key, f"is not a valid regular expression ({err}): {value!r}") from None
+        return
+    if not value:
+        raise FieldError(key, "is an empty list: name at least one module (or remove the key)")
+    blank = [i for i, name in enumerate(value) if not name.strip()]
+    if blank:
+        raise FieldError(key, f"has an empty name at position {blank[0]}")
 
 
 def _loop_detection_keys() -> list[str]:
@@ -159,8 +244,9 @@ class EvalConfig(SamplerSettings):
         batch_size: prompts per sampler call.
         gen_length, denoising_steps, block_length, temperature, remasking, threshold, cache, cfg_scale,
             loop_guard: sampler settings (:class:`align.sampling.settings.SamplerSettings`; greedy by default).
-        loop_detection: keyword arguments of :func:`align.loops.detect_loops` used for ``loop_rate``
-            (e.g. ``min_span`` for short completions).
+        loop_detection: keyword arguments of :func:`align.loops.detect_loops`, the token-id detector behind
+            ``loop_rate`` (e.g. ``min_span`` for short completions, ``copy_min_span`` to add the copy rule); each
+            sample also records the text-level detector's ``loop_fraction_text``.
     """
 
     enabled: bool = True
@@ -197,6 +283,7 @@ class RecipeConfig:
         pretrain, sft: per-stage options: :class:`~align.trainers.sft_config.DiffusionSFTOptions` fields plus
             TrainingArguments fields.
         grpo: :class:`~align.trainers.grpo_config.GRPOOptions` fields plus TrainingArguments fields.
+        vrpo: :class:`~align.trainers.vrpo_config.VRPOOptions` fields plus TrainingArguments fields.
     """
 
     seed: int = 0
@@ -212,6 +299,7 @@ class RecipeConfig:
     pretrain: dict[str, Any] = field(default_factory=dict)
     sft: dict[str, Any] = field(default_factory=dict)
     grpo: dict[str, Any] = field(default_factory=dict)
+    vrpo: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.model is None:

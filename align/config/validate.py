@@ -9,6 +9,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from align.config.paths import STAGE_PATH_KEYS
 from align.config.sections import STAGE_OPTIONS, STAGES, RecipeConfig, stage_unknown_key
 from align.options import ConfigError
 
@@ -27,7 +28,9 @@ def _check_training_arguments(stage: str, kwargs: dict[str, Any]) -> None:
     """Build ``TrainingArguments`` from a stage's keys so that bad values fail at load time."""
     from transformers import TrainingArguments
 
-    probe = {k: v for k, v in kwargs.items() if k not in ("deepspeed", "use_cpu")}  # DeepSpeed is read at launch
+    # DeepSpeed is read at launch; configuration files that do not exist are reported by the path checks
+    probe = {k: v for k, v in kwargs.items() if k not in ("deepspeed", "use_cpu")
+             and not (k in STAGE_PATH_KEYS and isinstance(v, str) and not Path(v).is_file())}
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
@@ -36,7 +39,7 @@ def _check_training_arguments(stage: str, kwargs: dict[str, Any]) -> None:
             raise ConfigError(f"'{stage}': invalid training arguments {sorted(probe)}: {exc}") from exc
 
 
-def _zero_stage(ds: Any) -> int | None:
+def zero_stage(ds: Any) -> int | None:
     """ZeRO stage of a DeepSpeed config (dict or JSON path); None when unset or unreadable."""
     if isinstance(ds, str):
         try:
@@ -68,8 +71,49 @@ def _check_stage(cfg: RecipeConfig, stage: str, ta_names: set[str]) -> None:
                               f"of 'grpo.num_generations' ({opts.num_generations})")
         if cfg.data.task is None and cfg.data.format == "text":
             raise ConfigError("the 'grpo' stage needs prompts: 'data.format' cannot be 'text'")
-    if stage != "grpo" and opts.random_length_prob and stage != "pretrain":
+    if stage == "sft" and opts.random_length_prob:
         raise ConfigError(f"'{stage}.random_length_prob' only applies to the pretrain stage")
+    if stage == "vrpo" and stage in cfg.stages:
+        _check_vrpo(cfg, opts)
+
+
+def _check_vrpo(cfg: RecipeConfig, opts: Any) -> None:
+    """The ``vrpo`` stage reads preference pairs: made from the built-in task, or rows of ``data.train_files`` in
+    TRL's preference format (``prompt``/``chosen``/``rejected``, recognised by their columns)."""
+    d = cfg.data
+    if d.task is None:
+        if d.format != "auto":
+            raise ConfigError(f"the 'vrpo' stage reads preference rows ('chosen' and 'rejected' columns, recognised by "
+                              f"name), so 'data.format' must be 'auto', got {d.format!r}")
+        if opts.task_rejected is not None:
+            raise ConfigError("'vrpo.task_rejected' applies to pairs made from the built-in task ('data.task'); "
+                              "with 'data.train_files' the rows bring their own rejected responses")
+        if opts.eval_pairs and not d.eval_files:
+            raise ConfigError("'vrpo.eval_pairs' needs held-out preference rows: set 'data.eval_files' (prompt, "
+                              "chosen, rejected) or 'vrpo.eval_pairs: 0'")
+
+
+def _check_adapter(cfg: RecipeConfig) -> None:
+    """Block KV caches need a model with KV-context support (LLaDA); Dream and masked-LM adapters have none.
+
+    The kind comes from ``model.adapter``, or for ``auto`` from the checkpoint's ``config.json`` when it is on
+    this machine (nothing is downloaded; otherwise the sampler rejects the cache when it first runs).
+    """
+    from align.models.adapters import KV_CONTEXT_KINDS, detect_denoiser_kind
+
+    if cfg.model.path is None:
+        return
+    kind = detect_denoiser_kind(cfg.model.path, cfg.model.adapter)
+    if kind is None or kind in KV_CONTEXT_KINDS:
+        return
+    cached = []
+    if cfg.eval.enabled and cfg.eval.cache is not None:
+        cached.append("'eval.cache'")
+    if "grpo" in cfg.stages and cfg.stage_options("grpo")[0].cache is not None:
+        cached.append("'grpo.cache'")
+    if cached:
+        raise ConfigError(f"{' and '.join(cached)}: block KV caches need KV-context support, which {cfg.model.path} "
+                          f"loaded as {kind} ('model.adapter': {cfg.model.adapter}) does not have; set to null")
 
 
 def validate(cfg: RecipeConfig) -> RecipeConfig:
@@ -78,12 +122,14 @@ def validate(cfg: RecipeConfig) -> RecipeConfig:
         if "pretrain" in cfg.stages:
             raise ConfigError("'peft' cannot be combined with the 'pretrain' stage (LoRA on random weights)")
         for stage in cfg.stages:
-            if _zero_stage(getattr(cfg, stage).get("deepspeed")) == 3:
-                raise ConfigError(f"'peft' with DeepSpeed ZeRO-3 ('{stage}.deepspeed') is not supported: the adapter "
-                                  "is merged at the end of the stage, which needs whole weights; use ZeRO-2")
+            if zero_stage(getattr(cfg, stage).get("deepspeed")) == 3:
+                raise ConfigError(f"'peft' with DeepSpeed ZeRO-3 ('{stage}.deepspeed') is not supported: merging the "
+                                  "adapter needs whole weights, and saving an adapter alone from ZeRO-3 shards is "
+                                  "not tested; use ZeRO-2")
     ta_names = training_argument_names()
     for stage in STAGES:
         _check_stage(cfg, stage, ta_names)
+    _check_adapter(cfg)
     if cfg.eval.enabled and cfg.data.task is None and cfg.data.eval_files is None:
         raise ConfigError("evaluation needs held-out rows: set 'data.eval_files' or use 'data.task', "
                           "or set 'eval.enabled: false'")

@@ -2,14 +2,43 @@
 
 Reads every field of the released ``config.json`` (``docs/concepts.md`` §7); values that select code paths this
 implementation lacks are rejected with the field named.
+
+This module is saved beside every checkpoint's weights (``docs/models.md``, "Portable checkpoints"), so it
+imports nothing but the standard library and transformers.
 """
 
+import os
 from typing import ClassVar
 
 from transformers import PretrainedConfig
 
 #: LoRA targets that exist in this architecture (``docs/concepts.md`` §7).
 LLADA_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "attn_out", "ff_proj", "up_proj", "ff_out"]
+
+#: ``auto_map`` written into every saved ``config.json``: the Auto classes that open the checkpoint with
+#: ``trust_remote_code=True`` through the two modules saved beside the weights. ``AutoModel`` and
+#: ``AutoModelForCausalLM`` name the same class as in the released checkpoints, for scripts and tools that
+#: open a remote-code model through them (the model is not causal).
+LLADA_AUTO_MAP = {
+    "AutoConfig": "configuration_llada.LLaDAConfig",
+    "AutoModel": "llada.LLaDAModelLM",
+    "AutoModelForMaskedLM": "llada.LLaDAModelLM",
+    "AutoModelForCausalLM": "llada.LLaDAModelLM",
+}
+#: Modules an ``auto_map`` entry may name for it to be this package's own (kept on load); any other ``auto_map``,
+#: such as the released checkpoints' pointer to their transformers-4 ``modeling_llada``, is dropped.
+_OWN_MODULES = ("configuration_llada", "llada")
+
+
+def is_own_auto_map(auto_map: object) -> bool:
+    """Whether ``auto_map`` points only at the modules saved by this package (``LLADA_AUTO_MAP``'s modules).
+
+    An entry may name the Hub repository holding the code first (``org/name--llada.LLaDAModelLM``).
+    """
+    if not isinstance(auto_map, dict) or not auto_map:
+        return False
+    refs = [ref for value in auto_map.values() for ref in (value if isinstance(value, (list, tuple)) else [value])]
+    return all(isinstance(ref, str) and ref.split("--")[-1].split(".")[0] in _OWN_MODULES for ref in refs)
 
 # Fields of the released config.json whose other values select code paths this implementation lacks.
 _FIXED_VALUES: dict[str, tuple] = {
@@ -57,8 +86,10 @@ class LLaDAConfig(PretrainedConfig):
     the released file) is the optional end-of-turn id used by samplers. Values that select
     features this implementation does not have (ALiBi, non-llama blocks, LayerNorm, QK-norm, ...)
     raise ``ValueError`` naming the field. ``flash_attention``, ``init_device``, ``precision`` and
-    ``use_cache`` are accepted and have no effect (pick the kernel with ``attn_implementation``);
-    ``auto_map`` (pointer to the transformers-4 remote code) is dropped.
+    ``use_cache`` are accepted and have no effect (pick the kernel with ``attn_implementation``).
+    ``auto_map`` is kept when it is this package's own (:data:`LLADA_AUTO_MAP`; plain transformers needs it
+    to open a saved checkpoint without dlm-align) and dropped otherwise (the released checkpoints' pointer to
+    their transformers-4 remote code). :meth:`save_pretrained` always writes :data:`LLADA_AUTO_MAP`.
     """
 
     model_type = "llada"
@@ -118,9 +149,20 @@ class LLaDAConfig(PretrainedConfig):
     use_cache: bool = False
 
     def __post_init__(self, **kwargs):
-        kwargs.pop("auto_map", None)  # remote code for transformers 4.x; this class replaces it
+        auto_map = kwargs.pop("auto_map", None)
         super().__post_init__(**kwargs)
+        if is_own_auto_map(auto_map):
+            self.auto_map = dict(auto_map)
         self._resolve_and_check()
+
+    def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs) -> None:
+        """Write ``config.json`` with :data:`LLADA_AUTO_MAP`, and this module beside it.
+
+        The model's ``save_pretrained`` calls this and also copies the modeling module, so the directory opens
+        with ``AutoModel*.from_pretrained(dir, trust_remote_code=True)`` where dlm-align is not installed.
+        """
+        self.auto_map = dict(LLADA_AUTO_MAP)
+        super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
 
     def _resolve_and_check(self) -> None:
         for field, allowed in _FIXED_VALUES.items():
@@ -200,8 +242,13 @@ def tiny_llada_config(**overrides) -> LLaDAConfig:
 def llada_8b_config(**overrides) -> LLaDAConfig:
     """The released LLaDA-8B / LLaDA 1.5 config (``docs/concepts.md`` §7, the LLaDAConfig defaults).
 
-    iLLaDA-8B is the same with ``mask_token_id=5``. ``eot_token_id`` (end of turn, 126348) is not in
+    iLLaDA-8B has shapes of its own (grouped-query attention, another vocabulary): read them from its
+    ``config.json``. ``eot_token_id`` (end of turn, 126348) is not in
     the released file; it is set here for samplers that stop at EOT.
     """
     values = {"n_kv_heads": 32, "eot_token_id": 126348, "architectures": ["LLaDAModelLM"]}
     return LLaDAConfig(**{**values, **overrides})
+
+
+# Saving a config copies this module beside config.json (transformers' custom-object saving).
+LLaDAConfig.register_for_auto_class("AutoConfig")

@@ -5,6 +5,10 @@ Parameter names and ``config.json`` fields match the released checkpoints (``doc
 Attention is bidirectional and goes through the library's attention interface (SDPA by default).
 The model exposes ``hidden_states`` and ``head`` separately so callers apply the large output head
 only where logits are needed, and a KV-context path used by the sampler's block caches.
+
+``save_pretrained`` copies this module and ``configuration_llada.py`` beside the weights and writes their
+``auto_map`` (``docs/models.md``, "Portable checkpoints"), so this module imports only torch, transformers and,
+relatively, its configuration module.
 """
 
 import math
@@ -20,7 +24,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import MaskedLMOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, slice_logits_to_keep
 
-from align.models.configuration_llada import LLADA_LORA_TARGETS, LLaDAConfig, check_mask_token_id
+from .configuration_llada import LLADA_LORA_TARGETS, LLaDAConfig, check_mask_token_id
 
 KV = tuple[torch.Tensor, torch.Tensor]
 
@@ -369,6 +373,12 @@ class LLaDAModelLM(LLaDAPreTrainedModel):
         return out if use_dict else out.to_tuple()
 
 
-AutoConfig.register("llada", LLaDAConfig, exist_ok=True)
-AutoModel.register(LLaDAConfig, LLaDAModelLM, exist_ok=True)
-AutoModelForMaskedLM.register(LLaDAConfig, LLaDAModelLM, exist_ok=True)
+# Saving the model copies this module and its configuration module beside the weights.
+LLaDAModelLM.register_for_auto_class("AutoModelForMaskedLM")
+
+if __name__ == "align.models.llada":
+    # The native classes open LLaDA checkpoints in any process that imports dlm-align. A copy of this module
+    # loaded from a checkpoint as remote code registers nothing: transformers maps its classes itself.
+    AutoConfig.register("llada", LLaDAConfig, exist_ok=True)
+    AutoModel.register(LLaDAConfig, LLaDAModelLM, exist_ok=True)
+    AutoModelForMaskedLM.register(LLaDAConfig, LLaDAModelLM, exist_ok=True)

@@ -3,9 +3,11 @@
 Models are named as :mod:`align.models.resolve` describes: ``builtin:<name>``, a local directory or a
 Hub id ``org/name[@revision]``; that module is the one place turning a name into a directory (and
 owns :func:`load_tokenizer`, re-exported here). Released LLaDA / LLaDA 1.5 / iLLaDA directories carry
-``architectures: ["LLaDAModelLM"]`` and an ``auto_map`` pointing to transformers-4 remote code; both
-loaders here use the native :class:`~align.models.llada.LLaDAModelLM` and never execute code from the
-checkpoint.
+``architectures: ["LLaDAModelLM"]`` and an ``auto_map`` pointing to transformers-4 remote code; directories
+saved by dlm-align carry copies of ``llada.py`` and ``configuration_llada.py`` and an ``auto_map`` naming them
+(``docs/models.md``, "Portable checkpoints"). Both loaders here use the native
+:class:`~align.models.llada.LLaDAModelLM` and :class:`~align.models.configuration_llada.LLaDAConfig` and never
+execute code from the checkpoint.
 """
 
 import json
@@ -141,6 +143,26 @@ def load_model_and_tokenizer(
     return model, tokenizer
 
 
+#: PEFT ``LoraConfig.bias`` values: which biases train besides the adapter (``none``, every bias, or the biases of
+#: the adapted layers only).
+LORA_BIAS = ("none", "all", "lora_only")
+#: ``LoraConfig.init_lora_weights`` values a recipe may use. They leave the base weights untouched, so the adapter
+#: saved alone applies to the base checkpoint it names.
+LORA_INIT_WEIGHTS = (True, False, "gaussian", "orthogonal")
+_REWRITES_BASE = ("rewrites the base weights before training, so the adapter saved alone would not apply to the "
+                  "base checkpoint")
+#: The other ``init_lora_weights`` values PEFT knows, each with the reason a recipe cannot use it.
+LORA_INIT_UNSUPPORTED = {
+    "pissa": _REWRITES_BASE,
+    "olora": _REWRITES_BASE,
+    "corda": _REWRITES_BASE,
+    "eva": "needs a data-driven initialisation pass over the training data, which dlm-align does not run",
+    "lora_ga": "needs a gradient-estimation pass before training, which dlm-align does not run",
+    "loftq": "quantizes the base model and needs a loftq_config, which dlm-align does not set up",
+    "mica": "uses its own layer variant (lora_B frozen), which dlm-align does not support",
+}
+
+
 def linear_leaf_names(module: nn.Module, exclude: nn.Module | None = None) -> list[str]:
     """Distinct last name components of the ``nn.Linear`` layers in ``module`` (first-seen order)."""
     skip = set() if exclude is None else {id(m) for m in exclude.modules()}
@@ -153,19 +175,33 @@ def linear_leaf_names(module: nn.Module, exclude: nn.Module | None = None) -> li
     return names
 
 
-def lora_target_modules(model: nn.Module) -> list[str]:
+def _output_head(model: nn.Module) -> nn.Module | None:
+    getter = getattr(model, "get_output_embeddings", None)
+    return getter() if callable(getter) else None
+
+
+def lora_target_modules(model: nn.Module, *, full_names: bool = False) -> list[str]:
     """LoRA ``target_modules`` for a model or adapter.
 
-    LLaDA: ``q_proj, k_proj, v_proj, attn_out, ff_proj, up_proj, ff_out`` (``docs/concepts.md`` §7). Note that
-    PEFT matches ``ff_out`` by suffix, so the output head ``model.transformer.ff_out`` is included;
-    pass :func:`lora_exclude_modules` as ``LoraConfig(exclude_modules=...)`` to leave it out.
-    Other models: the adapter's own list, else the names of all linear layers but the output head.
+    By default, layer names: LLaDA's ``q_proj, k_proj, v_proj, attn_out, ff_proj, up_proj, ff_out``
+    (``docs/concepts.md`` §7); an adapter's own list (Dream, masked LMs: the body's linear layers); else the
+    names of all linear layers but the output head. PEFT matches a name by suffix, so LLaDA's ``ff_out`` also
+    selects the output head ``model.transformer.ff_out``; pass :func:`lora_exclude_modules` as
+    ``LoraConfig(exclude_modules=...)`` to leave it out.
+
+    With ``full_names=True``: the full module names (relative to ``model``) of the linear layers that carry those
+    names, outside the output head, in module order. This is what a recipe's ``peft.target_modules: auto`` uses:
+    a full name matches one module only, so the head is never adapted.
     """
     own = getattr(model, "lora_target_modules", None)
-    if callable(own):
-        return list(own())
-    getter = getattr(model, "get_output_embeddings", None)
-    return linear_leaf_names(model, exclude=getter() if callable(getter) else None)
+    head = _output_head(model)
+    names = list(own()) if callable(own) else linear_leaf_names(model, exclude=head)
+    if not full_names:
+        return names
+    skip = set() if head is None else {id(m) for m in head.modules()}
+    wanted = set(names)
+    return [name for name, sub in model.named_modules()
+            if isinstance(sub, nn.Linear) and id(sub) not in skip and name.rsplit(".", 1)[-1] in wanted]
 
 
 def lora_exclude_modules(model: nn.Module) -> list[str]:
@@ -173,20 +209,21 @@ def lora_exclude_modules(model: nn.Module) -> list[str]:
 
     Empty when ``model`` has no ``get_output_embeddings`` or it returns None.
     """
-    getter = getattr(model, "get_output_embeddings", None)
-    head = getter() if callable(getter) else None
+    head = _output_head(model)
     if head is None:
         return []
     return [name for name, sub in model.named_modules() if sub is head]
 
 
-def check_lora_targets(model: nn.Module, targets: str | list[str], *, strict: bool = True) -> dict[str, int]:
+def check_lora_targets(model: nn.Module, targets: str | list[str], *, strict: bool = True,
+                       label: str = "LoRA target(s)") -> dict[str, int]:
     """Count the parameterised modules each LoRA target matches, with PEFT's matching rules.
 
     A list entry ``t`` matches module ``name`` when ``name == t`` or ``name`` ends with ``"." + t``;
     a string is a regular expression matched against full names (``"all-linear"``: every linear layer).
     Targets matching nothing (e.g. ``o_proj``/``gate_proj``/``down_proj`` on LLaDA, which PEFT would
-    silently skip) raise ``ValueError`` when ``strict`` and give a ``UserWarning`` otherwise.
+    silently skip) raise ``ValueError`` when ``strict`` and give a ``UserWarning`` otherwise; ``label``
+    starts that message (e.g. ``"peft.exclude_modules"`` when checking exclusions).
     Returns ``{target: number of matched modules}``.
     """
     named = [(n, m) for n, m in model.named_modules() if n and any(True for _ in m.parameters(recurse=False))]
@@ -201,7 +238,7 @@ def check_lora_targets(model: nn.Module, targets: str | list[str], *, strict: bo
     unmatched = [t for t, c in counts.items() if c == 0]
     if unmatched:
         message = (
-            f"LoRA target(s) {unmatched} match no module of {type(model).__name__}; "
+            f"{label} {unmatched} match no module of {type(model).__name__}; "
             f"its targets are {lora_target_modules(model)}"
         )
         if strict:

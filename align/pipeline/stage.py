@@ -1,7 +1,8 @@
 """Running one training stage of a recipe: its rows, its ``TrainingArguments``, its trainer, its final save.
 
 Every stage gets its ``TrainingArguments`` from :func:`training_arguments`; ``pretrain`` and ``sft`` run
-:class:`~align.trainers.sft.DiffusionSFTTrainer`, ``grpo`` runs :class:`~align.trainers.grpo.DiffusionGRPOTrainer`.
+:class:`~align.trainers.sft.DiffusionSFTTrainer`, ``grpo`` runs :class:`~align.trainers.grpo.DiffusionGRPOTrainer`,
+``vrpo`` runs :class:`~align.trainers.vrpo.DiffusionVRPOTrainer` on preference pairs (:func:`preference_rows`).
 A stage ends by writing ``<stage>/final`` (and ``<stage>/adapter`` under LoRA) and returns the model that
 evaluation and the next stage continue with.
 """
@@ -17,11 +18,13 @@ from typing import Any
 import torch
 
 from align.build import apply_lora
-from align.config import RecipeConfig
+from align.config import STAGES, RecipeConfig
 from align.data.collator import PromptCollator, SFTCollator
 from align.data.formatting import ColumnNames
 from align.data.loading import tokenize_dataset, tokenize_prompts
 from align.data.task import pretraining_texts
+from align.pipeline.report import load_report
+from align.rng import derive_seed
 from align.trainers.sft import last_complete_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -69,7 +72,37 @@ def _training_rows(cfg: RecipeConfig, stage: str, train: Any, tokenizer: Any) ->
         return tokenize_dataset(ds, tokenizer, fmt="text", use_chat_template=False, max_length=d.max_length,
                                 source=f"{_data_source(cfg)} (pretraining text)", names=column_names(cfg))
     return tokenize_dataset(train, tokenizer, fmt=d.format, use_chat_template=d.use_chat_template,
-                            max_length=d.max_length, source=_data_source(cfg), names=column_names(cfg))
+                            max_length=d.max_length, source=_data_source(cfg), names=column_names(cfg),
+                            system_prompt=d.system_prompt)
+
+
+def preference_rows(cfg: RecipeConfig, rows: Any, tokenizer: Any, source: str | None = None, *,
+                    held_out: bool = False) -> Any:
+    """Tokenised preference pairs of the ``vrpo`` stage: ``rows`` in TRL's preference format, or, with a built-in
+    task, pairs made from its rows (``vrpo.task_rejected``; seeded by the task's seed, held-out pairs apart)."""
+    from align.data.preference import task_preference_pairs, tokenize_preferences
+    from align.data.task import ArithmeticTaskSpec
+
+    d, opts = cfg.data, cfg.stage_options("vrpo")[0]
+    if d.task is not None:
+        seed = derive_seed(int(d.task_args.get("seed", 0)), 0x50414952, int(held_out))
+        rows = task_preference_pairs(rows, seed=seed, rejected=opts.task_rejected or "mixed",
+                                     loop_repeats=int(d.task_args.get("loop_repeats", ArithmeticTaskSpec.loop_repeats)))
+    where = source or (",".join(d.eval_files or []) if held_out and d.task is None else _data_source(cfg))
+    return tokenize_preferences(rows, tokenizer, use_chat_template=d.use_chat_template, max_length=d.max_length,
+                                source=where + (" (held-out pairs)" if held_out and d.task is not None else ""),
+                                names=column_names(cfg), system_prompt=d.system_prompt, bad_pairs=opts.bad_pairs)
+
+
+def _held_out_pairs(cfg: RecipeConfig, tokenizer: Any, count: int) -> Any:
+    """The first ``count`` held-out preference pairs (the task's held-out split, or ``data.eval_files``)."""
+    from align.pipeline.recipe import load_splits
+
+    test = load_splits(cfg)[1]
+    if cfg.data.task is not None:
+        test = test.select(range(min(count, len(test))))
+    pairs = preference_rows(cfg, test, tokenizer, held_out=True)
+    return pairs.select(range(min(count, len(pairs))))
 
 
 def _mask_id(model: torch.nn.Module) -> int:
@@ -89,13 +122,23 @@ def _build_trainer(cfg: RecipeConfig, stage: str, model: torch.nn.Module, tokeni
 
         d = cfg.data
         rows = tokenize_prompts(train, tokenizer, use_chat_template=d.use_chat_template, max_length=d.max_length,
-                                source=_data_source(cfg), names=column_names(cfg))
+                                source=_data_source(cfg), names=column_names(cfg), system_prompt=d.system_prompt)
         runner = RewardRunner.from_specs(opts.rewards, **opts.reward_failure)
         trainer = DiffusionGRPOTrainer(model=model, args=args, train_dataset=rows,
                                        data_collator=PromptCollator(tokenizer.pad_token_id),
                                        processing_class=tokenizer, options=opts, reward_runner=runner,
                                        stop_ids=stop_token_ids(tokenizer), seed=cfg.seed)
         return trainer, runner
+    if stage == "vrpo":
+        from align.data.preference import PAIR_COLUMNS, PreferenceCollator
+        from align.trainers.vrpo import DiffusionVRPOTrainer
+
+        rows = preference_rows(cfg, train, tokenizer)
+        held_out = _held_out_pairs(cfg, tokenizer, opts.eval_pairs) if opts.eval_pairs else None
+        trainer = DiffusionVRPOTrainer(model=model, args=args, train_dataset=rows.select_columns(list(PAIR_COLUMNS)),
+                                       data_collator=PreferenceCollator(tokenizer.pad_token_id),
+                                       processing_class=tokenizer, options=opts, seed=cfg.seed, held_out=held_out)
+        return trainer, None
     from align.trainers.sft import DiffusionSFTTrainer
 
     rows = _training_rows(cfg, stage, train, tokenizer)
@@ -107,10 +150,21 @@ def _build_trainer(cfg: RecipeConfig, stage: str, model: torch.nn.Module, tokeni
 
 def run_stage(cfg: RecipeConfig, stage: str, model: torch.nn.Module, tokenizer: Any, train: Any
               ) -> torch.nn.Module:
-    """Train ``stage`` (resuming from its newest complete checkpoint); return the (LoRA-merged) model."""
+    """Train ``stage`` (resuming from its newest complete checkpoint); return the model to continue with.
+
+    That model is the trained model without ``peft``, the merged model with ``peft.merge: true``, and the model
+    with its adapter (PEFT-wrapped) with ``peft.merge: false``. In that last case a stage that already finished
+    (``<stage>/final`` holds its adapter and the run report has its results) is not trained again: its adapter is
+    loaded, as :func:`~align.pipeline.recipe.run_recipe` loads a finished stage's merged ``final``.
+    """
     stage_dir = Path(cfg.output_dir) / stage
     if cfg.peft is not None:
-        model = apply_lora(model, cfg.peft)
+        done = stage_dir / "final" / "adapter_config.json"
+        if not cfg.peft.merge and cfg.resume and done.is_file() and stage in load_report(cfg)["stages"]:
+            return _load_stage_adapter(model, done.parent)
+        # The adapter's initial weights come from their own stream: (seed, 'LoRA' in ASCII, stage number).
+        model = apply_lora(model, cfg.peft, base_model=_lora_base(cfg, model),
+                           seed=derive_seed(cfg.seed, 0x4C6F5241, STAGES.index(stage)))
     trainer, runner = _build_trainer(cfg, stage, model, tokenizer, train)
     resume = last_complete_checkpoint(stage_dir) if cfg.resume else None
     if resume:
@@ -123,6 +177,32 @@ def run_stage(cfg: RecipeConfig, stage: str, model: torch.nn.Module, tokenizer: 
     return _save_final(cfg, trainer, tokenizer, stage_dir)
 
 
+def _lora_base(cfg: RecipeConfig, model: torch.nn.Module) -> str | None:
+    """The spec of the model a stage's adapter applies to: an earlier stage's ``final`` of this run (absolute
+    path), else ``model.path`` as written (``builtin:``, Hub id; a local directory made absolute); None for a
+    randomly initialised model."""
+    from align.models.resolve import BUILTIN_PREFIX
+
+    name = getattr(model, "name_or_path", None) or ""
+    if name and Path(name).expanduser().resolve().is_relative_to(Path(cfg.output_dir).resolve()):
+        return str(Path(name).expanduser().resolve())
+    spec = cfg.model.path
+    if spec is None or spec.startswith(BUILTIN_PREFIX) or not Path(spec).expanduser().exists():
+        return spec
+    return str(Path(spec).expanduser().resolve())
+
+
+def _load_stage_adapter(model: torch.nn.Module, adapter_dir: Path) -> torch.nn.Module:
+    """``model`` with the saved adapter of a finished ``peft.merge: false`` stage (trainable, for a later stage)."""
+    from peft import PeftModel
+
+    logger.info("stage already finished; loading its adapter from %s", adapter_dir)
+    if hasattr(model, "peft_config"):  # the adapter of the stage before, continued: load the newer weights
+        model.load_adapter(str(adapter_dir), adapter_name="default", is_trainable=True)
+        return model
+    return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
+
+
 def _finish_loggers(cfg: RecipeConfig) -> None:
     """Close the stage's wandb run, so its files are complete and the next stage starts a run of its own."""
     if "wandb" in cfg.report_to or "all" in cfg.report_to:
@@ -133,15 +213,28 @@ def _finish_loggers(cfg: RecipeConfig) -> None:
 
 
 def _save_final(cfg: RecipeConfig, trainer: Any, tokenizer: Any, stage_dir: Path) -> torch.nn.Module:
-    """Write ``<stage>/final`` (and ``<stage>/adapter`` under LoRA); return the model to continue with."""
+    """Write ``<stage>/final`` (and ``<stage>/adapter`` under LoRA); return the model to continue with.
+
+    Under LoRA the adapter is saved alone first (``<stage>/adapter``, with the tokenizer). With ``peft.merge: true``
+    it is then merged and ``final`` holds the merged model; with ``peft.merge: false`` nothing is merged, ``final``
+    holds a copy of the adapter (no model weights) and the returned model keeps its adapter.
+    """
     _finish_loggers(cfg)
     final, tmp = stage_dir / "final", stage_dir / "final.tmp"
     if cfg.peft is not None:
-        # Ship the adapter alone, then merge it so that evaluation and later stages use plain weights.
-        trainer.save_model(str(stage_dir / "adapter"))
-        model = trainer.model.merge_and_unload()
-        if is_main_process():
-            model.save_pretrained(str(tmp))
+        adapter = stage_dir / "adapter"
+        trainer.save_model(str(adapter))
+        if cfg.peft.merge:
+            model = trainer.model.merge_and_unload()
+            if is_main_process():
+                model.save_pretrained(str(tmp))
+            model.name_or_path = str(final.resolve())  # what a later stage's adapter will name as its base
+        else:
+            model = trainer.model
+            if is_main_process():
+                if tmp.exists():
+                    shutil.rmtree(tmp)
+                shutil.copytree(adapter, tmp)
     else:
         # save_model gathers ZeRO-3 partitions and is called on every rank.
         trainer.save_model(str(tmp))

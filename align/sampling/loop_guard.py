@@ -1,7 +1,9 @@
 """Decode-time loop guard: an ``on_commit`` hook that undoes commitments closing a repetition loop.
 
 After every denoising step the guard runs :func:`align.loops.loop_coverage` on the partly decoded
-completions (still-masked positions match nothing, trailing EOS/pad runs are cut). A token committed in
+completions (still-masked positions match nothing, trailing EOS/pad runs are cut): the token-id rules only
+(periodic and copy rules), the subset that runs on the tensors of every step; the text path that scores
+evaluation and ``loop_penalty`` needs decoded text and is not used here. A token committed in
 this step that lies inside a loop span *closed* the loop: the guard asks the sampler to remask it and to
 lower the logit of the token it held there by ``penalty`` (``logit_v − λ·[v = rejected]``), so the next
 step at that position prefers another candidate. Each position is remasked at most ``max_remasks`` times,
@@ -43,7 +45,8 @@ class LoopGuardConfig:
         penalty: ``λ``, subtracted from the logit of a rejected token at its position (``0`` = only remask).
         max_remasks: times one position may be remasked before the guard lets it stand.
         detection: keyword arguments of :func:`align.loops.loop_coverage` (``p_max``, ``k_min``,
-            ``min_span``, ``k_counter``, ``counter_min_period``); the same defaults as the loop reward.
+            ``min_span``, ``k_counter``, ``counter_min_period``, ``copy_ngram``, ``copy_gap``,
+            ``copy_min_span``); the defaults of :func:`align.loops.detect_loops`.
     """
 
     enabled: bool = False

@@ -1,23 +1,25 @@
 """Diffusion GRPO on ``transformers.Trainer``: rollouts, rewards, group advantages, clipped updates.
 
-One optimizer step (per micro-batch of prompts):
+One optimizer step (its micro-batches of prompts are fetched together by :meth:`get_batch_samples`):
 
-1. every ``μ = num_iterations`` steps, sample ``G`` completions per prompt with the rollout engine
-   (:func:`align.sampling.generate`, generator seeded from ``(seed, cycle, micro, rank)``), score them with
-   the reward functions (TRL's calling convention, failures isolated by :class:`align.rewards.RewardRunner`)
-   and compute group advantages;
+1. every ``μ = num_iterations`` steps, for each micro-batch, sample ``G`` completions per prompt with the
+   rollout engine (:func:`align.sampling.generate`, generator seeded from ``(seed, cycle, micro, rank)``), score
+   them with the reward functions (TRL's calling convention and data forms, failures isolated by
+   :class:`align.rewards.RewardRunner`) and compute group advantages. As in TRL, the data loader yields each
+   step's prompts ``μ`` times in a row (:mod:`align.trainers.grpo_buffer`), so the rollouts of the first pass
+   serve the other ``μ − 1`` and every prompt is used;
 2. draw one mask plan per inner iteration ``k < μ`` (seeded from ``(seed, cycle, micro, rank, k)``) and,
    without gradients, score it under the rollout policy (``old``) and the reference;
-3. score iteration ``k``'s plan under the current policy with gradients and minimise
-   ``−min(ρA, clip(ρ, 1−ε, 1+ε_high)A) + β·k3`` aggregated by ``loss_type``. At ``k = 0`` the old scores are the
-   current ones detached, so ``ρ = 1`` exactly.
+3. score iteration ``k``'s plan under the current policy with gradients and minimise ``loss_type``'s objective
+   (``−min(ρA, clip(ρ, 1−ε, 1+ε_high)A) + β·k3`` for grpo) with its normalisation (:mod:`.grpo_math`). At
+   ``k = 0`` the old scores are the current ones detached, so ``ρ = 1`` exactly.
 
 Without a KL term (``β = 0``) completions with ``A_i = 0`` (groups whose rewards are all equal) are left out
 of the likelihood passes: they add nothing to the loss, and aggregation still counts them.
 
-Metrics (reward per function, advantages, share of groups with equal rewards, clip fraction, KL, completion
-length, rollout time share and tokens/s) go to the Trainer's loggers; samples of completions to
-``<output_dir>/completions.jsonl``.
+Metrics (TRL's names where the meaning is the same: ``reward``, ``rewards/<fn>/mean``, ``completions/*``,
+``clip_ratio/*``, ``kl``, ...; plus advantages, rollout time share and tokens/s; ``docs/grpo.md``) go to the
+Trainer's loggers; samples of completions to ``<output_dir>/completions.jsonl``.
 """
 
 from __future__ import annotations
@@ -34,12 +36,16 @@ from typing import Any
 import torch
 from accelerate.utils import DistributedType
 from transformers import Trainer
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
+from align.data.formatting import is_conversational
 from align.likelihood import LikelihoodEstimate, draw_masks, score_plan
 from align.rng import make_generator
 from align.sampling import completion_lengths
+from align.trainers.grpo_buffer import load_rollouts, repeated_window_sampler, save_rollouts
 from align.trainers.grpo_config import GRPOOptions
-from align.trainers.grpo_math import aggregate, clipped_surrogate, constant_groups, group_advantages, k3_kl
+from align.trainers.grpo_math import WINDOW_NORMALIZED, aggregate, group_advantages, k3_kl, policy_objective
+from align.trainers.grpo_metrics import policy_metrics, rollout_metrics
 from align.trainers.sft import CompleteMarker, NonFiniteGuard
 
 logger = logging.getLogger(__name__)
@@ -49,6 +55,7 @@ logger = logging.getLogger(__name__)
 class Rollout:
     """One micro-batch of rollouts and everything the μ inner iterations need."""
 
+    prompt_ids: torch.Tensor         # [N/G, P] the micro-batch's prompts (CPU), to check the reused passes
     input_ids: torch.Tensor          # [N, P + L] prompt (left padded) + completion
     attention_mask: torch.Tensor     # [N, P + L]
     completion_mask: torch.Tensor    # [N, L] completion positions in the loss
@@ -112,7 +119,9 @@ class DiffusionGRPOTrainer(Trainer):
 
     ``args.per_device_train_batch_size`` counts completions, as in TRL; the dataloader yields
     ``per_device_train_batch_size / num_generations`` prompts per micro-batch, and each is sampled
-    ``num_generations`` times. The effective numbers are logged when the trainer is built.
+    ``num_generations`` times. The effective numbers are logged when the trainer is built. With
+    ``num_iterations > 1`` the dataloader yields each optimizer step's prompts ``num_iterations`` times in a row
+    (:class:`~align.trainers.grpo_buffer.RepeatedWindowSampler`).
     """
 
     def __init__(self, *args: Any, options: GRPOOptions, reward_runner: Any, stop_ids: list[int], seed: int = 0,
@@ -135,6 +144,8 @@ class DiffusionGRPOTrainer(Trainer):
         self.stop_ids = list(stop_ids)
         self.rl_seed = int(seed)
         self._buffer: dict[int, Rollout] = {}
+        self._buffer_cycle = -1
+        self._window_tokens: float | None = None     # dapo / cispo: completion tokens per process in the step
         self._micro_step: tuple[int, int] = (-1, 0)
         self._metrics: dict[str, list[float]] = defaultdict(list)
         self._samples: list[dict[str, Any]] = []
@@ -145,6 +156,46 @@ class DiffusionGRPOTrainer(Trainer):
             self.ref_model = copy.deepcopy(_base(self.model)).eval().requires_grad_(False)
         self.add_callback(NonFiniteGuard())
         self.add_callback(CompleteMarker())
+
+    # ------------------------------------------------------------------------------------------ batches
+    def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+        """μ = 1: the Trainer's sampler. μ > 1: each optimizer step's prompts μ times in a row (as TRL)."""
+        if self.options.num_iterations == 1:
+            return super()._get_train_sampler(train_dataset)
+        ds = self.train_dataset if train_dataset is None else train_dataset
+        window = self._train_batch_size * self.args.gradient_accumulation_steps * max(1, self.args.world_size)
+        return repeated_window_sampler(len(ds), window, self.options.num_iterations,
+                                       seed=self.args.seed if self.args.data_seed is None else self.args.data_seed,
+                                       strategy=str(getattr(self.args, "train_sampling_strategy", "random")))
+
+    def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: Any) -> tuple[list, Any]:
+        """Fetch one optimizer step's micro-batches and prepare their rollouts (sampled, or reused within a cycle)."""
+        batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if batches:
+            self._prepare_window(batches)
+        return batches, num_items
+
+    def _prepare_window(self, batches: list[dict[str, Any]]) -> None:
+        step, mu = self.state.global_step, self.options.num_iterations
+        cycle, k = divmod(step, mu)
+        if k and self._buffer_cycle == cycle and len(self._buffer) == len(batches):
+            for j, b in enumerate(batches):
+                if not torch.equal(b["prompt_ids"].cpu(), self._buffer[j].prompt_ids.cpu()):
+                    raise RuntimeError(f"step {step} (inner iteration {k} of {mu}): micro-batch {j} is not the "
+                                       "micro-batch the buffered rollouts were sampled for")
+            return
+        if k:
+            logger.warning("step %d is inner iteration %d of %d, but no rollouts of this cycle are buffered (a "
+                           "checkpoint saved without them); sampling new ones", step, k, mu)
+        t0 = time.perf_counter()
+        self._buffer = {j: self._rollout(self._prepare_inputs(b), cycle, j) for j, b in enumerate(batches)}
+        self._buffer_cycle = cycle
+        self._window_tokens = None
+        if self.options.loss_type in WINDOW_NORMALIZED:
+            local = torch.stack([ro.completion_mask.sum() for ro in self._buffer.values()]).sum().float()
+            total = self.accelerator.reduce(local, reduction="sum")
+            self._window_tokens = float(total) / self.accelerator.num_processes
+        self._time["total"] += time.perf_counter() - t0
 
     # ------------------------------------------------------------------------------------------ rollouts
     def _micro_index(self) -> int:
@@ -196,7 +247,10 @@ class DiffusionGRPOTrainer(Trainer):
         prompts = [r["prompt"] for r in rows for _ in range(G)]
         columns = {k: [r[k] for r in rows for _ in range(G)] for k in rows[0] if k != "prompt"}
         comp_ids = [comp[i, : int(lengths[i]) + int(has_stop[i])].tolist() for i in range(len(comp))]
-        scored = self.reward_runner(prompts, texts, comp_ids, **columns)
+        # TRL's forms: conversational prompts get [{"role": "assistant", "content": text}], string prompts text
+        completions = [[{"role": "assistant", "content": t}] for t in texts] if is_conversational(prompts[0]) \
+            else texts
+        scored = self.reward_runner(prompts, completions, comp_ids, **columns)
         per_fn, total = scored.per_function, scored.total
         A = group_advantages(total.float(), G, scale_rewards=o.scale_rewards, baseline=o.baseline).to(comp.device)
         if o.negative_advantage_scale != 1.0:
@@ -227,27 +281,14 @@ class DiffusionGRPOTrainer(Trainer):
         self._time["rollout"] += dt
         self._time["tokens"] += float(len(comp) * L)
         self._log_rollout(scored.names, per_fn, total, A, lengths, has_stop, prompts, texts, columns)
-        return Rollout(input_ids, attention, comp_mask, A, plans, old, ref, P)
+        return Rollout(inputs["prompt_ids"].cpu(), input_ids, attention, comp_mask, A, plans, old, ref, P)
 
     def _log_rollout(self, names: tuple[str, ...], per_fn: torch.Tensor, total: torch.Tensor, A: torch.Tensor,
                      lengths: torch.Tensor, has_stop: torch.Tensor, prompts: list[Any], texts: list[str],
                      columns: dict[str, list]) -> None:
         m = self._metrics
-        for j, name in enumerate(names):
-            col = per_fn[:, j].float()
-            ok = col[~torch.isnan(col)]
-            m[f"rewards/{name}/mean"].append(ok.mean().item() if ok.numel() else float("nan"))
-            m[f"rewards/{name}/std"].append(ok.std().item() if ok.numel() > 1 else 0.0)
-        t = total[~torch.isnan(total)].float()
-        m["reward"].append(t.mean().item() if t.numel() else float("nan"))
-        m["reward_std"].append(t.std().item() if t.numel() > 1 else 0.0)
-        m["advantages/mean"].append(A.mean().item())
-        m["advantages/std"].append(A.std().item() if A.numel() > 1 else 0.0)
-        m["advantages/abs_max"].append(A.abs().max().item())
-        m["frac_reward_zero_std"].append(constant_groups(total.float(), self.options.num_generations)
-                                         .float().mean().item())
-        m["completions/mean_length"].append(lengths.float().mean().item())
-        m["completions/truncated_ratio"].append(1.0 - has_stop.float().mean().item())
+        for k, v in rollout_metrics(names, per_fn, total, A, lengths, has_stop, self.options.num_generations).items():
+            m[k].append(v)
         for k, v in self.reward_runner.metrics(prefix="reward_errors/").items():
             if k.endswith(("/failed_samples", "/timeouts", "/error_rate", "stuck_calls")):
                 m[k].append(float(v))
@@ -266,46 +307,44 @@ class DiffusionGRPOTrainer(Trainer):
         cur = score_plan(scorer, ro.plans[k])
         old, ref = ro.old[k], ro.ref[k]
         eps_hi = o.epsilon if o.epsilon_high is None else o.epsilon_high
-        P, A = ro.prompt_len, ro.advantages
-        m = self._metrics
-        if o.is_level == "token":
-            logp = cur.token_logp[:, P:]
-            old_logp = logp.detach() if old is None else old.token_logp[:, P:]
-            per_tok, clipped = clipped_surrogate(logp, old_logp, A[:, None], o.epsilon, eps_hi)
-            mask = ro.completion_mask
-            if ref is not None:
+        P, A, mask = ro.prompt_len, ro.advantages[:, None], ro.completion_mask
+        logp = cur.token_logp[:, P:]
+        if o.is_level == "token":                    # [N, L]
+            log_ratio = logp - (logp.detach() if old is None else old.token_logp[:, P:])
+        else:                                        # [N, 1]: one ratio per completion, broadcast over its tokens
+            seq = cur.seq_logp
+            log_ratio = (seq - (seq.detach() if old is None else old.seq_logp))[:, None]
+        per_tok = policy_objective(o.loss_type, log_ratio, A, logp, mask, eps_low=o.epsilon, eps_high=eps_hi,
+                                   **o.loss_args)
+        kl = None
+        if ref is not None:
+            if o.is_level == "token":
                 kl = k3_kl(logp, ref.token_logp[:, P:])
-                per_tok = per_tok + o.beta * kl
-                m["kl"].append(((kl * mask).sum() / mask.sum().clamp_min(1)).item())
-            loss = aggregate(per_tok, mask, o.loss_type, o.gen_length)
-            m["clip_ratio"].append(((clipped & mask).sum() / mask.sum().clamp_min(1)).item())
-        else:
-            n_tok = ro.completion_mask.sum(1).clamp_min(1).to(cur.seq_logp.dtype)
-            logp = cur.seq_logp
-            old_logp = logp.detach() if old is None else old.seq_logp
-            per_seq, clipped = clipped_surrogate(logp, old_logp, A, o.epsilon, eps_hi)
-            if ref is not None:
-                kl = k3_kl(logp / n_tok, ref.seq_logp / n_tok)   # per-token average log-likelihoods
-                per_seq = per_seq + o.beta * kl
-                m["kl"].append(kl.mean().item())
-            keep = ro.completion_mask.any(1).to(per_seq.dtype)
-            loss = (per_seq * keep).sum() / keep.sum().clamp_min(1)
-            m["clip_ratio"].append(clipped.float().mean().item())
+            else:
+                n_tok = mask.sum(1).clamp_min(1).to(cur.seq_logp.dtype)
+                kl = k3_kl(cur.seq_logp / n_tok, ref.seq_logp / n_tok)[:, None]  # per-token average likelihoods
+            per_tok = per_tok + o.beta * kl
+        window = self._window_tokens if o.loss_type in WINDOW_NORMALIZED else None
+        loss = aggregate(per_tok, mask, o.loss_type, o.gen_length, num_items=window)
+        for key, v in policy_metrics(o.loss_type, log_ratio, A, mask, eps_low=o.epsilon, eps_high=eps_hi, kl=kl,
+                                     token_level=o.is_level == "token", loss_args=o.loss_args).items():
+            self._metrics[key].append(v)
         return loss
 
     def training_step(self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None
                       ) -> torch.Tensor:
-        """Roll out (every μ steps), then one clipped policy-gradient backward pass on the buffered batch."""
+        """One policy-gradient backward pass on this micro-batch's buffered rollouts (prepared by
+        :meth:`get_batch_samples`)."""
         t0 = time.perf_counter()
         step, mu = self.state.global_step, self.options.num_iterations
         micro = self._micro_index()
-        k = step % mu
-        if k == 0 or micro not in self._buffer:
-            inputs = self._prepare_inputs(inputs)
-            self._buffer[micro] = self._rollout(inputs, step // mu, micro)
+        if micro not in self._buffer:   # called outside the Trainer's loop: roll this micro-batch out alone
+            self._buffer[micro] = self._rollout(self._prepare_inputs(inputs), step // mu, micro)
+            self._buffer_cycle, self._window_tokens = step // mu, None
         model.train()
-        loss = self._policy_loss(model, self._buffer[micro], k)
-        loss = loss / self.current_gradient_accumulation_steps
+        loss = self._policy_loss(model, self._buffer[micro], step % mu)
+        if self.options.loss_type not in WINDOW_NORMALIZED:
+            loss = loss / self.current_gradient_accumulation_steps
         kwargs: dict[str, Any] = {}
         if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
             kwargs["scale_wrt_gas"] = False
@@ -317,6 +356,26 @@ class DiffusionGRPOTrainer(Trainer):
                      num_items_in_batch: Any = None) -> torch.Tensor:
         """Not used: :meth:`training_step` computes the loss from buffered rollouts."""
         raise NotImplementedError("DiffusionGRPOTrainer computes its loss in training_step")
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+    def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
+        """Save the checkpoint and, between two inner iterations, the buffered rollouts the next steps reuse."""
+        super()._save_checkpoint(model, trial)
+        step, mu = self.state.global_step, self.options.num_iterations
+        if mu > 1 and step % mu and self._buffer_cycle == step // mu:
+            folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{step}"
+            save_rollouts(folder, self.args.process_index, {"cycle": self._buffer_cycle, "buffer": self._buffer,
+                                                            "window_tokens": self._window_tokens})
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any) -> Any:
+        """``Trainer.train``; a resumed run first reloads the rollouts buffered in its checkpoint (if any)."""
+        path = get_last_checkpoint(self.args.output_dir) if resume_from_checkpoint is True else resume_from_checkpoint
+        if isinstance(path, str):
+            state = load_rollouts(path, self.args.process_index, self.args.device)
+            if state is not None:
+                self._buffer, self._buffer_cycle = state["buffer"], state["cycle"]
+                self._window_tokens = state["window_tokens"]
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     # ------------------------------------------------------------------------------------------ logging
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -352,3 +411,4 @@ class DiffusionGRPOTrainer(Trainer):
                 wandb.log({"completions": wandb.Table(columns=cols, data=[[s.get(c) for c in cols]
                                                                            for s in self._samples])})
         self._samples = []
+

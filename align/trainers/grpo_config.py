@@ -14,7 +14,7 @@ from align.likelihood import ESTIMATORS, check_estimator_args
 from align.options import FieldError, check_choice, check_range
 from align.rewards import RewardSpecError, check_reward_specs, check_runner_settings
 from align.sampling.settings import SamplerSettings
-from align.trainers.grpo_math import BASELINES, LOSS_TYPES, SCALE_REWARDS
+from align.trainers.grpo_math import BASELINES, LOSS_ARGS, LOSS_TYPES, SCALE_REWARDS
 
 #: importance-sampling ratio per token or per sequence.
 IS_LEVELS = ("token", "sequence")
@@ -41,11 +41,23 @@ class GRPOOptions(SamplerSettings):
         importance_sampling_level: ``token`` or ``sequence`` ratio; default ``token`` for one_step/coupled/trace
             and ``sequence`` for elbo.
         num_iterations: ``μ`` gradient steps per batch of rollouts; each uses its own mask draw, shared by the
-            old, reference and current policy. A new batch of prompts is drawn every ``μ`` steps.
-        epsilon, epsilon_high: clip range ``[1 − ε, 1 + ε_high]`` (``ε_high`` defaults to ``ε``).
+            old, reference and current policy. As in TRL, the data loader yields each optimizer step's prompts
+            ``μ`` times in a row, and rollouts are sampled on the first of them, so every prompt is used.
+        epsilon, epsilon_high: clip range ``[1 − ε, 1 + ε_high]`` (``ε_high`` defaults to ``ε``). With
+            ``loss_type: cispo``, ``epsilon_high`` is the cap on the ratio (required; ScaleRL uses 5.0).
         beta: weight of the k3 KL to the reference (adapter disabled under LoRA, else a frozen copy).
-        loss_type: ``grpo`` (per-sequence mean, then batch mean), ``bnpo`` (global token mean) or ``dr_grpo``
-            (sum divided by completions × gen_length).
+        loss_type: TRL's names (``docs/concepts.md`` §3.4): ``grpo`` (per-sequence mean, then batch mean; the
+            default here, TRL's is ``dapo``), ``bnpo`` (token mean of the micro-batch), ``dr_grpo`` (sum divided
+            by completions × gen_length), ``dapo`` (token mean of the whole optimizer step), ``cispo`` (capped,
+            gradient-free ratio times the log-likelihood; dapo's normalisation), ``sapo`` (soft gate instead of
+            clipping; grpo's normalisation), ``luspo`` (each completion's token sum, mean over completions) or
+            ``vespo`` (gradient-free Gamma weight of the sequence ratio times the log-likelihood; dapo's
+            normalisation).
+        sapo_temperature_pos, sapo_temperature_neg: temperatures of the ``sapo`` gate for positive and other
+            advantages (TRL's defaults 1.0 and 1.05); only with ``loss_type: sapo``.
+        vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg: exponent ``k`` and decay ``λ`` of the
+            ``vespo`` weight for non-negative and negative advantages (TRL's defaults 2, 3, 3, 2); only with
+            ``loss_type: vespo``.
         scale_rewards: divide advantages by the ``group`` std, the ``batch`` std, or ``none``.
         baseline: ``mean`` (group mean) or ``leave_one_out`` (mean of the other completions of the group).
         negative_advantage_scale: multiplies negative advantages (``A_i ← c·A_i`` where ``A_i < 0``); ``1`` is
@@ -76,6 +88,12 @@ class GRPOOptions(SamplerSettings):
     epsilon_high: float | None = None
     beta: float = 0.0
     loss_type: str = "grpo"
+    sapo_temperature_pos: float | None = None
+    sapo_temperature_neg: float | None = None
+    vespo_k_pos: float | None = None
+    vespo_lambda_pos: float | None = None
+    vespo_k_neg: float | None = None
+    vespo_lambda_neg: float | None = None
     scale_rewards: str = "group"
     baseline: str = "mean"
     negative_advantage_scale: float = 1.0
@@ -104,6 +122,18 @@ class GRPOOptions(SamplerSettings):
             check_range("epsilon_high", self.epsilon_high, low=0.0, low_open=True)
         check_range("beta", self.beta, low=0.0)
         check_choice("loss_type", self.loss_type, LOSS_TYPES)
+        for key, (owner, _) in LOSS_ARGS.items():
+            value = getattr(self, key)
+            if value is None:
+                continue
+            if self.loss_type != owner:
+                raise FieldError(key, f"only applies with 'loss_type' {owner}, got loss_type {self.loss_type!r}",
+                                 ("loss_type",))
+            # temperatures and decays must be positive; VESPO's exponents k may be 0
+            check_range(key, value, low=0.0, low_open=not key.startswith("vespo_k_"))
+        if self.loss_type == "cispo" and self.epsilon_high is None:
+            raise FieldError("epsilon_high", "is required with 'loss_type' cispo: it caps the importance ratio "
+                                             "(ScaleRL uses 5.0)", ("loss_type",))
         check_choice("scale_rewards", self.scale_rewards, SCALE_REWARDS)
         check_choice("baseline", self.baseline, BASELINES)
         check_range("negative_advantage_scale", self.negative_advantage_scale, low=0.0, high=1.0)
@@ -119,6 +149,13 @@ class GRPOOptions(SamplerSettings):
             raise FieldError("reward_failure", f"is invalid: {exc}") from exc
         if self.log_completions < 0:
             raise FieldError("log_completions", f"must be >= 0, got {self.log_completions}")
+
+    @property
+    def loss_args(self) -> dict[str, float]:
+        """The hyper-parameters of ``loss_type`` (TRL's defaults for unset ones), for
+        :func:`~align.trainers.grpo_math.policy_objective`."""
+        return {key: default if getattr(self, key) is None else getattr(self, key)
+                for key, (owner, default) in LOSS_ARGS.items() if owner == self.loss_type}
 
     @property
     def is_level(self) -> str:

@@ -122,7 +122,7 @@ def test_matches_the_reference_definition_on_random_sequences() -> None:
             x[s:] = (x[s : s + p] * 100)[: len(x) - s]
         rows.append(x)
     for p_max, k_min, min_span in [(8, 3, 1), (5, 2, 7), (12, 3, 24)]:
-        cov = loop_coverage(rows, p_max=p_max, k_min=k_min, min_span=min_span, k_counter=None)
+        cov = loop_coverage(rows, p_max=p_max, k_min=k_min, min_span=min_span, k_counter=None, copy_min_span=None)
         for b, x in enumerate(rows):
             expect = reference_coverage(x, p_max, k_min, min_span)
             assert cov.covered[b, : len(x)].tolist() == expect
@@ -143,13 +143,13 @@ def test_loop_coverage_matches_detect_loops() -> None:
 def test_unknown_ids_break_loops_and_leave_the_denominator() -> None:
     MASK = 99
     x = [5] * 20 + [MASK] + [5] * 20 + [MASK] * 9
-    (rep,) = detect_loops([x], unknown_ids=(MASK,), k_counter=None)
+    (rep,) = detect_loops([x], unknown_ids=(MASK,), k_counter=None, copy_min_span=None)
     assert rep.n_tokens == 40 and not rep.has_loop  # two exact runs of 20 < 24: the mask matches nothing
     # one unknown inside a long loop is tolerated like a varying token (counter rule) and not counted
     unit = list(range(10, 20))
     y = unit * 3 + unit[:5] + [MASK] + unit[6:] + unit * 3  # exact runs of 35 and 34 tokens
-    assert not detect_loops([y], unknown_ids=(MASK,), k_min=5, k_counter=None)[0].has_loop
-    (rep,) = detect_loops([y], unknown_ids=(MASK,), k_min=5)
+    assert not detect_loops([y], unknown_ids=(MASK,), k_min=5, k_counter=None, copy_min_span=None)[0].has_loop
+    (rep,) = detect_loops([y], unknown_ids=(MASK,), k_min=5, copy_min_span=None)
     assert rep.has_loop and rep.n_covered == rep.n_tokens == 69 and rep.fraction == 1.0
     (rep,) = detect_loops([[5] * 30 + [MASK] * 10], unknown_ids=(MASK,))
     assert rep.fraction == 1.0
@@ -171,12 +171,14 @@ def test_counter_loop_needs_k_counter_copies() -> None:
     x = [1, 2]
     for c in range(8):  # "Step c: the same sentence." x 8
         x += [10, 100 + c, 11, 12, 13, 14, 15, 16, 17, 18]
-    (rep,) = detect_loops([x])
+    (rep,) = detect_loops([x], copy_min_span=None)
     assert rep.has_loop and rep.spans == (LoopSpan(2, 10, 8, 80, exact=False),)
     assert rep.n_covered == 8 * 10 - 8  # the counter tokens themselves are not counted
-    assert not detect_loops([x], k_counter=None)[0].has_loop
-    assert not detect_loops([x[: 2 + 5 * 10]])[0].has_loop  # 5 copies < k_counter = 6
-    assert not detect_loops([x], counter_min_period=11)[0].has_loop  # units shorter than 11 tokens
+    assert not detect_loops([x], k_counter=None, copy_min_span=None)[0].has_loop
+    assert not detect_loops([x[: 2 + 5 * 10]], copy_min_span=None)[0].has_loop  # 5 copies < k_counter = 6
+    assert not detect_loops([x], counter_min_period=11, copy_min_span=None)[0].has_loop  # units < 11 tokens
+    # the copy rule bridges the counter: 8 near copies of a 10-token unit are a loop without the counter rule
+    assert detect_loops([x], k_counter=None)[0].has_loop
 
 
 def test_numbered_list_with_different_items_is_not_a_loop() -> None:
@@ -184,6 +186,51 @@ def test_numbered_list_with_different_items_is_not_a_loop() -> None:
     for c in range(12):
         x += [10, 100 + c, 11, 200 + 3 * c, 201 + 3 * c, 202 + 3 * c, 12, 13, 14, 15]
     assert not detect_loops([x])[0].has_loop
+
+
+# ---------------------------------------------------------------- the copy rule
+
+
+def test_long_unit_beyond_p_max_is_found_by_the_copy_rule() -> None:
+    unit = list(range(100, 160))  # a 60-token attempt, 4 copies: longer than any period p_max = 32
+    x = [1, 2, 3] + unit * 4
+    assert not detect_loops([x], copy_min_span=None)[0].has_loop
+    (rep,) = detect_loops([x])
+    assert rep.n_covered == 240 and rep.spans == (LoopSpan(3, 0, 1, 240, exact=False, kind="copies"),)
+
+
+def test_copies_apart_count_and_two_copies_do_not() -> None:
+    block = list(range(100, 130))
+    three = [1, *block, 2, 3, *block, 4, 5, 6, *block, 7]
+    (rep,) = detect_loops([three])
+    assert rep.n_covered == 90 and [s.length for s in rep.spans] == [30, 30, 30]
+    assert not detect_loops([[1, *block, 2, 3, *block, 7]])[0].has_loop
+    assert not detect_loops([three], k_min=4)[0].has_loop
+
+
+def test_near_copies_are_bridged_but_bridges_do_not_count_towards_the_span() -> None:
+    body = list(range(100, 120))
+    x = [1]
+    for c in range(4):  # "Step c: <the same 20 tokens>" four times
+        x += [50, 60 + c, *body]
+    assert detect_loops([x], k_counter=None)[0].has_loop
+    assert not detect_loops([x], k_counter=None, copy_gap=4)[0].has_loop  # a varying token breaks 6 n-grams
+    # a short shared template with a varying token between two 8-token halves is not a copy
+    y = []
+    for c in range(4):
+        y += list(range(100, 108)) + [60 + c] + list(range(110, 118)) + [200 + 10 * c + t for t in range(6)]
+    assert not detect_loops([y], k_counter=None)[0].has_loop
+
+
+def test_copy_rule_respects_unknown_and_ignored_tokens() -> None:
+    MASK, NL = 99, 50
+    block = list(range(100, 130))
+    x = [1] + block + [2] + block + [3] + [MASK] * 30
+    assert not detect_loops([x], unknown_ids=(MASK,))[0].has_loop  # the third copy is not decoded yet
+    x[63:93] = block
+    assert detect_loops([x], unknown_ids=(MASK,))[0].has_loop
+    blank = [NL] * 12
+    assert not detect_loops([[1, *blank, 2, *blank, 3, *blank]], ignore_ids=(NL,), min_span=64)[0].has_loop
 
 
 # ---------------------------------------------------------------- legitimate repetition vs real loops
@@ -241,26 +288,37 @@ def test_real_loops_flagged(name: str) -> None:
 
 def test_loop_penalty_linear_and_threshold_shaping() -> None:
     ids = [[1, 2, 3, 4] + [9] * 36, [1, 2, 3, 4, 5]]
-    assert LoopPenalty()(None, ["a", "b"], ids) == pytest.approx([-0.9, 0.0])
-    assert LoopPenalty(scale=2.0)(None, ["a", "b"], ids) == pytest.approx([-1.8, 0.0])
-    assert LoopPenalty(shaping="threshold")(None, ["a", "b"], ids) == [-1.0, 0.0]
-    assert LoopPenalty(shaping="threshold", threshold=0.95)(None, ["a", "b"], ids) == [0.0, 0.0]
+    assert LoopPenalty(source="ids")(None, ["a", "b"], ids) == pytest.approx([-0.9, 0.0])
+    assert LoopPenalty(source="ids", scale=2.0)(None, ["a", "b"], ids) == pytest.approx([-1.8, 0.0])
+    assert LoopPenalty(source="ids", shaping="threshold")(None, ["a", "b"], ids) == [-1.0, 0.0]
+    assert LoopPenalty(source="ids", shaping="threshold", threshold=0.95)(None, ["a", "b"], ids) == [0.0, 0.0]
 
 
-def test_loop_penalty_uses_ids_when_given_and_text_otherwise() -> None:
+def test_loop_penalty_reads_ids_by_default_text_without_ids_and_both() -> None:
     completions = ["hello world", "network " * 30]
     ids = [[5] * 40, [1, 2, 3]]  # deliberately the opposite of the text
-    assert loop_penalty(None, completions, ids) == [-1.0, 0.0]
-    assert loop_penalty(None, completions) == [0.0, -1.0]
+    assert loop_penalty(None, completions, ids) == [-1.0, 0.0]  # auto: the ids when the trainer passes them
+    assert loop_penalty(None, completions) == [0.0, -1.0]  # auto without ids: the text
+    assert LoopPenalty(source="ids")(None, completions, ids) == [-1.0, 0.0]
     assert LoopPenalty(source="text")(None, completions, ids) == [0.0, -1.0]
+    assert LoopPenalty(source="both")(None, completions, ids) == [-1.0, -1.0]
     with pytest.raises(ValueError, match="source='ids'"):
         LoopPenalty(source="ids")(None, completions)
 
 
+def test_loop_penalty_scores_a_real_kind_of_loop_the_old_penalty_missed() -> None:
+    attempt = ("Let's try 84 and 53 in a different way: 84 - 53 = 31, and 31 + 53 = 84, which is not 57. "
+               "This, however, does not work, so let's try another combination of the numbers.\n")
+    text = "We need 57 from 84, 88 and 53.\n" + attempt * 4
+    assert loop_penalty(None, [text])[0] < -0.8
+    assert LoopPenalty(source="ids", copy_min_span=None)(None, None, ids_of([text])) == [0.0]  # the old rules
+    assert LoopPenalty(source="ids", copy_min_span=24)(None, None, ids_of([text]))[0] < -0.8  # copy rule on
+
+
 def test_loop_penalty_cuts_trailing_pad_and_handles_tensors() -> None:
     ids = torch.tensor([[1, 2, 3] + [PAD] * 40])
-    assert LoopPenalty(pad_ids=(PAD,))(None, ["x"], ids) == [0.0]
-    assert LoopPenalty()(None, ["x"], ids)[0] < -0.9
+    assert LoopPenalty(source="ids", pad_ids=(PAD,))(None, ["x"], ids) == [0.0]
+    assert LoopPenalty(source="ids")(None, ["x"], ids)[0] < -0.9
 
 
 def test_loop_penalty_empty_chat_extra_columns_and_pickle() -> None:
@@ -268,8 +326,8 @@ def test_loop_penalty_empty_chat_extra_columns_and_pickle() -> None:
     out = loop_penalty(prompts=["p"] * 3, completions=chat, completion_ids=None, answer=[1, 2, 3], trainer_state=None)
     assert out == [-1.0, 0.0, 0.0]
     assert loop_penalty(None, []) == []
-    clone = pickle.loads(pickle.dumps(LoopPenalty(p_max=8, shaping="threshold")))
-    assert clone.p_max == 8 and clone(None, chat) == [-1.0, 0.0, 0.0]
+    clone = pickle.loads(pickle.dumps(LoopPenalty(p_max=8, shaping="threshold", min_block_words=30)))
+    assert clone.p_max == 8 and clone.text_params.min_block_words == 30 and clone(None, chat) == [-1.0, 0.0, 0.0]
 
 
 # ---------------------------------------------------------------- input validation
@@ -290,3 +348,9 @@ def test_bad_inputs_raise_named_errors() -> None:
         LoopParams(k_counter=1)
     with pytest.raises(ValueError, match="shaping"):
         LoopPenalty(shaping="square")
+    with pytest.raises(ValueError, match="source"):
+        LoopPenalty(source="tokens")
+    with pytest.raises(ValueError, match="copy_min_span"):
+        LoopParams(copy_min_span=1)
+    with pytest.raises(ValueError, match="copy_ngram"):
+        detect_loops([[1]], copy_ngram=1)

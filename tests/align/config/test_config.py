@@ -40,7 +40,7 @@ def _base():
     ("sft.normalization=mean", "'sft.normalization'"),
     ("sft.eos_train=-2", "'sft.eos_train'"),
     ("sft.t_min=1.0", "t_min"),
-    ("stages=[sft,grpo_x]", "'stages' must be one of pretrain, sft, grpo, got 'grpo_x'"),
+    ("stages=[sft,grpo_x]", "'stages' must be one of pretrain, sft, grpo, vrpo, got 'grpo_x'"),
     ("eval.cache=full", "'eval.cache'"),
     ("model.dtype=float8", "'model.dtype'"),
     ("sft.output_dir=x", "'sft.output_dir' is set by dlm-align"),

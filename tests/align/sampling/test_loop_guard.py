@@ -96,9 +96,25 @@ def test_loop_guard_config_validation() -> None:
     assert isinstance(LoopGuardConfig.from_dict({"enabled": True}).build([EOS]), LoopGuard)
     for bad, match in [({"penalty": -1}, "penalty"), ({"max_remasks": 0}, "max_remasks"),
                        ({"detection": {"p_max": 0}}, "p_max"), ({"detection": {"nope": 1}}, "nope"),
-                       ({"enabled": "yes"}, "enabled"), ({"strength": 1}, "strength")]:
+                       ({"enabled": "yes"}, "enabled"), ({"strength": 1}, "strength"),
+                       ({"detection": {"copy_gap": -1}}, "copy_gap"), ({"detection": {"copy_min_span": 1}},
+                                                                        "copy_min_span")]:
         with pytest.raises(LoopGuardConfigError, match=match):
             LoopGuardConfig.from_dict(bad, "eval.loop_guard")
+    guard = LoopGuardConfig.from_dict({"enabled": True, "detection": {"copy_min_span": None}}).build([EOS])
+    assert guard.detection == {"copy_min_span": None}
+
+
+def test_guard_remasks_the_third_copy_of_a_long_block() -> None:
+    # a 40-token block (longer than p_max = 32) decoded twice, then a third copy committed in this step
+    P, block = 2, list(range(100, 140))
+    seq = torch.tensor([[1, 2, *block, 3, *block, 4, *block]])
+    committed = torch.zeros(1, seq.shape[1] - P, dtype=torch.bool)
+    committed[0, 82:] = True  # the third copy
+    state = SimpleNamespace(sequences=seq, prompt_length=P, committed=committed, mask_id=MASK)
+    remask = LoopGuard(stop_ids=[EOS])(state)
+    assert remask is not None and bool(remask.positions[0, 82:].all()) and not bool(remask.positions[0, :82].any())
+    assert LoopGuard(stop_ids=[EOS], copy_min_span=None)(state) is None  # the periodic rule alone misses it
 
 
 def test_recipe_rejects_bad_loop_guard(tmp_path) -> None:

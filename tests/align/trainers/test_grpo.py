@@ -1,4 +1,4 @@
-"""The diffusion GRPO trainer end to end on a tiny model: each estimator, LoRA, accumulation, resume."""
+"""The diffusion GRPO trainer end to end on a tiny model: each estimator, LoRA, accumulation, μ > 1, resume."""
 
 import json
 from pathlib import Path
@@ -16,14 +16,27 @@ def digit_share(prompts, completions, completion_ids=None, **kwargs):
     return [sum(c.isdigit() for c in text) / max(len(text), 1) for text in completions]
 
 
+#: prompts of every reward call of the running test (one call per micro-batch of rollouts).
+SEEN: list[list[str]] = []
+
+
+def recording_digit_share(prompts, completions, completion_ids=None, **kwargs):
+    """digit_share that also records the prompts it is called with."""
+    SEEN.append(list(prompts))
+    return digit_share(prompts, completions)
+
+
 @pytest.fixture(autouse=True)
 def _digit_share_reward():
-    """Register the test reward for the duration of each test only (the registry is process-wide)."""
+    """Register the test rewards for the duration of each test only (the registry is process-wide)."""
     from align.rewards import registry
 
     register_reward("test_digit_share", digit_share, overwrite=True)
+    register_reward("test_recording", recording_digit_share, overwrite=True)
+    SEEN.clear()
     yield
     registry._REGISTRY.pop("test_digit_share", None)
+    registry._REGISTRY.pop("test_recording", None)
 
 
 @pytest.fixture()
@@ -66,10 +79,10 @@ def test_each_estimator_trains(tmp_path, estimator, extra, recipe):
     assert all(torch.isfinite(p).all() for p in model.parameters())
     logs = _log(tmp_path)
     first = next(r for r in logs if "reward" in r)
-    for key in ("rewards/digit_share/mean", "advantages/std", "frac_reward_zero_std", "clip_ratio", "kl",
+    for key in ("rewards/digit_share/mean", "advantages/std", "frac_reward_zero_std", "clip_ratio/region_mean", "kl",
                 "completions/mean_length", "rollout/time_share", "rollout/tokens_per_second"):
         assert key in first, key
-    assert first["clip_ratio"] == 0.0  # first inner iteration: ρ = 1 exactly
+    assert first["clip_ratio/region_mean"] == 0.0  # first inner iteration: ρ = 1 exactly
     assert first["kl"] == pytest.approx(0.0, abs=1e-6)  # policy still equals the reference
     lines = (tmp_path / "run" / "grpo" / "completions.jsonl").read_text().splitlines()
     assert lines and {"prompt", "completion", "reward", "advantage", "column/answer"} <= set(json.loads(lines[0]))
@@ -95,6 +108,68 @@ def test_resume_continues_the_run(tmp_path, recipe):
     assert [r["step"] for r in logs if "loss" in r] == [1, 2, 3, 4]
 
 
+def test_num_iterations_uses_every_prompt_the_loader_yields(tmp_path, recipe):
+    # 8 prompts, 2 per micro-batch, 2 micro-batches per step: one epoch is 2 rollout windows of 4 prompts, each
+    # trained on for μ = 2 steps. Every prompt must be rolled out once, none drawn and left unused.
+    raw = recipe({"num_iterations": 2, "gradient_accumulation_steps": 2, "max_steps": 4, "save_steps": 4,
+                  "rewards": [{"name": "test_recording"}]})
+    raw["data"]["task_args"]["num_train"] = 8
+    run_recipe(config_from_dict(raw))
+    from align.data.task import arithmetic_dataset
+
+    prompts = list(arithmetic_dataset(8, 8, seed=0)["train"]["prompt"])
+    assert len(SEEN) == 4                                  # 2 windows x 2 micro-batches, rolled out once each
+    flat = [p for call in SEEN for p in call]
+    assert sorted(flat) == sorted(prompts * 2)             # every prompt, G = 2 completions each
+    state = json.loads((tmp_path / "run" / "grpo" / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["epoch"] == pytest.approx(1.0)            # 4 steps = one pass over the 8 prompts
+    logs = [r for r in state["log_history"] if "loss" in r]
+    assert [("reward" in r) for r in logs] == [True, False, True, False]  # rewards only where rollouts happen
+
+
+def test_resume_inside_a_cycle_is_bit_identical(tmp_path, recipe):
+    from safetensors.torch import load_file
+
+    raw = recipe({"num_iterations": 2, "gradient_accumulation_steps": 2, "max_steps": 4, "save_steps": 1,
+                  "lr_scheduler_type": "constant", "beta": 0.04, "loss_type": "dapo"})
+    run_recipe(config_from_dict(raw))
+    stage = tmp_path / "run" / "grpo"
+    whole = load_file(stage / "final" / "model.safetensors")
+    losses = [r["loss"] for r in _log(tmp_path) if "loss" in r]
+    assert (stage / "checkpoint-1" / "grpo_rollouts-rank0.pt").is_file()    # step 1 is inner iteration 1 of 2
+    assert not (stage / "checkpoint-2" / "grpo_rollouts-rank0.pt").exists()  # step 2 starts a new cycle
+    import shutil
+
+    for name in ("checkpoint-2", "checkpoint-3", "checkpoint-4", "final"):
+        shutil.rmtree(stage / name)
+    (tmp_path / "run" / "report.json").unlink()
+    run_recipe(config_from_dict(raw))                      # resumes from checkpoint-1, inside the first cycle
+    resumed = load_file(stage / "final" / "model.safetensors")
+    assert whole.keys() == resumed.keys()
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+    assert [r["loss"] for r in _log(tmp_path) if "loss" in r] == losses
+
+
+@pytest.mark.parametrize("loss_type,extra,metric", [
+    ("cispo", {"epsilon_high": 5.0}, "cispo_clip_ratio"),
+    ("sapo", {"sapo_temperature_neg": 1.2}, None),
+    ("luspo", {"estimator": "elbo", "estimator_args": {"num_samples": 2}}, "clip_ratio/region_mean"),
+    ("vespo", {"estimator": "elbo", "estimator_args": {"num_samples": 2}}, "vespo/phi_seq_mean"),
+])
+def test_trl_loss_types_train(tmp_path, recipe, loss_type, extra, metric):
+    raw = recipe({"loss_type": loss_type, "num_iterations": 2, "beta": 0.04, "save_steps": 2, **extra})
+    run_recipe(config_from_dict(raw))
+    from align.models import load_model
+
+    model = load_model(str(tmp_path / "run" / "grpo" / "final"))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    logs = [r for r in _log(tmp_path) if "loss" in r]
+    assert len(logs) == 2 and all(r["loss"] == r["loss"] for r in logs)
+    if metric is not None:
+        assert all(metric in r for r in logs)
+    assert all("clip_ratio/region_mean" not in r for r in logs) or loss_type == "luspo"
+
+
 def test_bad_grpo_settings_are_named(tmp_path, recipe):
     from align.config import ConfigError
 
@@ -108,6 +183,10 @@ def test_bad_grpo_settings_are_named(tmp_path, recipe):
         config_from_dict(recipe({"estimator": "elbo", "estimator_args": {"sampler": "bogus"}}))
     with pytest.raises(ConfigError, match=r"'grpo\.negative_advantage_scale'"):
         config_from_dict(recipe({"negative_advantage_scale": 1.5}))
+    with pytest.raises(ConfigError, match=r"'grpo\.vespo_k_pos' only applies with 'grpo\.loss_type' vespo"):
+        config_from_dict(recipe({"loss_type": "dapo", "vespo_k_pos": 1.0}))
+    with pytest.raises(ConfigError, match=r"'grpo\.epsilon_high' is required with 'grpo\.loss_type' cispo"):
+        config_from_dict(recipe({"loss_type": "cispo"}))
 
 
 def test_negative_advantage_scale_zero_keeps_only_positive_advantages(tmp_path, recipe):

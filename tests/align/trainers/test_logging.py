@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-METRICS = ("reward", "rewards/step_accuracy/mean", "advantages/std", "clip_ratio", "completions/mean_length",
-           "rollout/time_share", "rollout/tokens_per_second", "rollout/loop_guard_rows")
+METRICS = ("reward", "rewards/step_accuracy/mean", "advantages/std", "clip_ratio/region_mean",
+           "completions/mean_length", "completions/clipped_ratio", "rollout/time_share", "rollout/tokens_per_second",
+           "rollout/loop_guard_rows")
 
 
 @pytest.fixture(scope="module")
