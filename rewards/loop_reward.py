@@ -27,7 +27,6 @@ from typing import Any, Literal
 
 from align.loops import (
     DEFAULT_COPY_GAP,
-    DEFAULT_COPY_MIN_SPAN,
     DEFAULT_COPY_NGRAM,
     DEFAULT_COUNTER_MIN_PERIOD,
     DEFAULT_K_COUNTER,
