@@ -40,6 +40,7 @@ quickstart-loops: setup  ## a loop-prone SFT, then GRPO with loop_penalty; loop 
 bench: setup  ## CPU benchmarks (tables printed, JSON in bench/results/)
 	$(BIN)/python bench/rollout.py
 	$(BIN)/python bench/estimators.py
+	$(BIN)/python bench/preference.py
 	$(BIN)/python bench/grpo_update.py
 	$(BIN)/python bench/loops.py
 

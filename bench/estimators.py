@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
                 continue
             start = time.perf_counter()
             if sampler not in theta_cache:       # θ's draws are the same for the shared and independent rows
-                theta_cache[sampler] = estimate(theta, ids, resp, sampler, n(args.seed, n, 0),
+                theta_cache[sampler] = estimate(theta, ids, resp, sampler, n, make_generator(args.seed, n, 0),
                                                 args.micro_batch_size)
             b_theta = theta_cache[sampler]
             # shared: replay θ's generator stream, hence the same (t, mask) draws, under ref

@@ -30,9 +30,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from align.config.sections import STAGES as _STAGES
+
 #: TrainingArguments fields of a stage section that name a configuration file.
 STAGE_PATH_KEYS = ("deepspeed", "accelerator_config", "fsdp_config")
-_STAGES = ("pretrain", "sft", "grpo")
 
 
 def path_candidates(value: str, base_dir: str | Path | None, *, cwd_first: bool = False) -> list[Path]:
