@@ -1,10 +1,10 @@
 """Held-out evaluation: sample completions with the rollout engine and score the final answers.
 
 Reports accuracy, mean completion length (tokens up to the end of the answer, i.e. before the first
-EOS / end-of-turn), the loop rate (share of completions in which :func:`align.loops.detect_loops` finds a
-repetition loop in the tokens before the first stop, periodic rule plus ``eval.loop_detection``; each sample
-also records the text path's fraction, :func:`align.loops_text.detect_text_loops`) and keeps each completion
-for the run report.
+EOS / end-of-turn), the loop rate (share of completions with a repetition loop before the first stop, found
+by the detector of ``loop_penalty`` with ``eval.loop_detection``: by default the text path,
+:func:`align.loops_text.detect_text_loops`; each sample records the text path's and the token-id path's
+fractions) and keeps each completion for the run report.
 """
 
 from __future__ import annotations
@@ -33,8 +33,10 @@ class EvalResult:
         num_problems: problems scored.
         nfe: model forward calls spent by the sampler.
         loop_rate: share of completions with at least one loop.
-        mean_loop_fraction: mean share of a completion's tokens covered by loops.
-        samples: per-problem records (prompt, completion, answer, predicted, correct, length, loop_fraction).
+        mean_loop_fraction: mean share of a completion covered by loops (characters on the text path, tokens on
+            the token-id path).
+        samples: per-problem records (prompt, completion, answer, predicted, correct, length, loop_fraction,
+            loop_fraction_text, loop_fraction_ids).
     """
 
     accuracy: float
@@ -75,8 +77,6 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, prompts: list[Any], answers
         cfg: sampler settings and batch size.
         seed: seed of the sampler's generator (only used at temperature > 0 or random remasking).
     """
-    from align.loops import detect_loops
-    from align.loops_text import detect_text_loops
     from align.rewards.answers import answers_match, extract_answer, gold_answer
     from align.sampling import completion_lengths, generate
 
@@ -87,6 +87,7 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, prompts: list[Any], answers
     device = next(model.parameters()).device
     stops = stop_token_ids(tokenizer)
     guard_cfg = cfg.loop_guard_config()
+    detector = cfg.loop_detector(pad_ids=tuple(stops))
     gen = torch.Generator(device="cpu").manual_seed(seed)
     samples: list[dict[str, Any]] = []
     nfe = 0
@@ -99,12 +100,13 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, prompts: list[Any], answers
         nfe += int(out.nfe)
         comp = out.sequences[:, ids.shape[1]:].cpu()
         lengths = completion_lengths(comp, stops)[0]
-        # loops in the completion a reader gets: the tokens before the first stop (what follows is never shown)
-        # loop rate: the token-id detector (periodic rule; the copy rule is opt-in through eval.loop_detection)
-        loops = detect_loops([comp[i, : lengths[i]] for i in range(len(comp))], pad_ids=stops,
-                             **{"copy_min_span": None, **cfg.loop_detection})
-        texts = [tokenizer.decode(comp[i, : lengths[i]].tolist(), skip_special_tokens=True) for i in range(len(comp))]
-        text_loops = detect_text_loops(texts)  # recorded beside it: the text path, independent of the tokenizer
+        # loops in the completion a reader gets: the tokens before the first stop (what follows is never shown);
+        # both detectors are recorded, loop_rate counts eval.loop_detection's source (the text path by default)
+        kept = [comp[i, : lengths[i]].tolist() for i in range(len(comp))]
+        texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in kept]
+        by_source = {src: detector.fractions(texts, kept, source=src) for src in ("text", "ids")}
+        chosen = detector.fractions(texts, kept) if detector.source == "both" else by_source[
+            "ids" if detector.source == "ids" else "text"]
         for i, p in enumerate(chunk):
             text = texts[i]
             pred = extract_answer(text)
@@ -113,8 +115,8 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, prompts: list[Any], answers
             correct = answers_match(pred, gold_answer(ans))
             samples.append({"prompt": p if isinstance(p, str) else p[-1]["content"], "completion": text,
                             "answer": str(ans), "predicted": pred, "correct": correct, "length": int(lengths[i]),
-                            "loop_fraction": float(loops[i].fraction),
-                            "loop_fraction_text": float(text_loops[i].fraction)})
+                            "loop_fraction": float(chosen[i]), "loop_fraction_text": float(by_source["text"][i]),
+                            "loop_fraction_ids": float(by_source["ids"][i])})
     if was_training:
         model.train()
     n = len(samples)

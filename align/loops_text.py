@@ -18,7 +18,7 @@ Two rules, whose covered characters are united:
   search over candidate equations) forms no copy heavy enough.
 * **Words** (:func:`text_word_ids` + :func:`align.loops.loop_coverage`): the text as a sequence of words,
   numbers and punctuation runs, equal strings given equal ids, scanned with the periodic rule of the
-  token-id path ("we, we, we, ..."), counting words instead of tokens.
+  token-id path ("we, we, we, ...", or a short line three times in a row), counting words instead of tokens.
 
 Everything counts words and characters, not tokens, so the result does not depend on a tokenizer. Python
 per text with numpy inside (units per text are few); the word scan runs on the whole batch at once.
@@ -71,8 +71,10 @@ class TextLoopParams:
         word_sim: Jaccard overlap of the word sets two units need when they hold fewer than 3 digits.
         number_sim: the overlap they need when they hold the same numbers with at least 3 digits.
         words: also scan the word sequence for short periodic loops (the periodic rule of
-            :func:`align.loops.detect_loops` with its defaults, counting words and punctuation marks
-            instead of tokens).
+            :func:`align.loops.detect_loops`, counting words and punctuation marks instead of tokens).
+        word_min_span: least number of words and punctuation marks such a periodic loop covers
+            (``min_span`` of the periodic rule; a unit still needs ``k_min`` copies in a row). 18 catches three
+            copies of a six-word line such as ``17 + 9 = 27.``, which no other rule here sees.
     """
 
     k_min: int = 3
@@ -81,11 +83,12 @@ class TextLoopParams:
     word_sim: float = 0.75
     number_sim: float = 0.5
     words: bool = True
+    word_min_span: int = 18
 
     def __post_init__(self) -> None:
         if not isinstance(self.k_min, int) or self.k_min < 2:
             raise ValueError(f"k_min must be an int >= 2, got {self.k_min!r}")
-        for name in ("min_block_words", "min_loop_words"):
+        for name in ("min_block_words", "min_loop_words", "word_min_span"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
@@ -235,13 +238,14 @@ def text_word_ids(texts: Sequence[str]) -> tuple[list[list[int]], list[list[tupl
 def detect_text_loops(texts: Sequence[str], params: TextLoopParams | None = None,
                       word_params: LoopParams | None = None) -> list[TextLoopReport]:
     """Find loops in each text (module docstring); ``word_params`` sets the word-sequence scan (default: the
-    periodic rule of :class:`align.loops.LoopParams` with ``k_min`` from ``params``, no copy rule)."""
+    periodic rule of :class:`align.loops.LoopParams` with ``k_min`` and ``min_span = word_min_span`` from ``params``,
+    no copy rule)."""
     prm = params or TextLoopParams()
     texts = [t or "" for t in texts]
     word_spans: list[list[tuple[int, int]]] = [[] for _ in texts]
     if prm.words and texts:
         ids, tok_spans = text_word_ids(texts)
-        wp = word_params or LoopParams(k_min=prm.k_min, copy_min_span=None)
+        wp = word_params or LoopParams(k_min=prm.k_min, min_span=prm.word_min_span, copy_min_span=None)
         cov = loop_coverage(ids, **asdict(wp)).covered
         for b, (row, sp) in enumerate(zip(cov.tolist(), tok_spans)):
             for first, last in _runs(np.array(row[: len(sp)], dtype=bool)):

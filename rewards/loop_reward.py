@@ -12,11 +12,12 @@ Which detector (``source``):
 - ``"text"``: :func:`align.loops_text.detect_text_loops` on the completion text: lines and sentences
   matched as near copies, plus short periodic loops over words; independent of the tokenizer, and the
   most accurate on real diffusion-model loops (``docs/benchmarks.md``, "Loop detection"). ``f`` is the
-  share of the text's non-space characters inside loops.
+  share of the text's non-space characters inside loops. The evaluation's loop rate uses the same path.
 - ``"ids"``: :func:`align.loops.loop_coverage` on ``completion_ids`` (trailing ``pad_ids`` cut): the
   periodic and copy rules on tokens. ``f`` is the share of tokens inside loops.
 - ``"both"``: the larger of the two fractions.
-- ``"auto"`` (default): ``"text"`` when completions are given, else ``"ids"``.
+- ``"auto"`` (default): ``"text"`` when the trainer passes completions (every trainer of dlm-align does),
+  else ``"ids"``.
 """
 
 from __future__ import annotations
@@ -53,14 +54,15 @@ class LoopPenalty:
     Args:
         p_max, k_min, min_span, k_counter, counter_min_period, copy_ngram, copy_gap, copy_min_span:
             token-id detection (see :func:`~align.loops.detect_loops`).
-        min_block_words, min_loop_words, word_sim, number_sim: text detection (see
+        min_block_words, min_loop_words, word_sim, number_sim, word_min_span: text detection (see
             :class:`~align.loops_text.TextLoopParams`; ``k_min`` is shared).
         pad_ids: EOS/pad ids whose trailing run is not part of the completion.
         ignore_ids: ids that cannot form a loop on their own (e.g. whitespace tokens).
         shaping: ``"linear"`` or ``"threshold"``.
         threshold: loop fraction above which ``"threshold"`` shaping penalises.
         scale: size of the penalty (``>= 0``; the reward is ``<= 0``).
-        source: ``"auto"`` (token ids when the trainer passes them, else the text), ``"text"``, ``"ids"`` or ``"both"``.
+        source: ``"auto"`` (the text when the trainer passes completions, else the token ids), ``"text"``,
+            ``"ids"`` or ``"both"``.
     """
 
     __name__ = "loop_penalty"
@@ -80,6 +82,7 @@ class LoopPenalty:
         min_loop_words: int = _TEXT.min_loop_words,
         word_sim: float = _TEXT.word_sim,
         number_sim: float = _TEXT.number_sim,
+        word_min_span: int = _TEXT.word_min_span,
         pad_ids: Sequence[int] = (),
         ignore_ids: Sequence[int] = (),
         shaping: Shaping = "linear",
@@ -97,7 +100,8 @@ class LoopPenalty:
             raise ValueError(f"loop_penalty: threshold must be in [0, 1), got {threshold}")
         self.params = LoopParams(p_max, k_min, min_span, k_counter, counter_min_period, copy_ngram, copy_gap,
                                  copy_min_span)  # validates
-        self.text_params = TextLoopParams(k_min, min_block_words, min_loop_words, word_sim, number_sim)
+        self.text_params = TextLoopParams(k_min, min_block_words, min_loop_words, word_sim, number_sim,
+                                          word_min_span=word_min_span)
         self.pad_ids = tuple(int(i) for i in pad_ids)
         self.ignore_ids = tuple(int(i) for i in ignore_ids)
         self.shaping: Shaping = shaping
@@ -110,14 +114,16 @@ class LoopPenalty:
         """Longest period tried."""
         return self.params.p_max
 
-    def fractions(self, completions: Sequence[Any] | None, completion_ids: Any = None) -> list[float]:
-        """Loop fraction of each completion (module docstring)."""
-        source = self.source
+    def fractions(self, completions: Sequence[Any] | None, completion_ids: Any = None, *,
+                  source: Source | None = None) -> list[float]:
+        """Loop fraction of each completion (module docstring), from ``source`` (default: the penalty's own)."""
+        asked = source or self.source
+        source = asked
         if source == "auto":
-            source = "ids" if completion_ids is not None else "text"
+            source = "text" if completions is not None else "ids"
         if source in ("ids", "both") and completion_ids is None:
-            if self.source != "auto":
-                raise ValueError(f"loop_penalty: source={self.source!r} but the trainer passed no completion_ids")
+            if asked != "auto":
+                raise ValueError(f"loop_penalty: source={asked!r} but the trainer passed no completion_ids")
             return []
         out: list[float] | None = None
         if source in ("text", "both"):

@@ -19,12 +19,12 @@ from align.config.schema import build_section, split_known, unknown_key
 from align.data.formatting import FORMATS
 from align.data.loading import BUILTIN_TASKS
 from align.data.task import ArithmeticTaskSpec
-from align.loops import detect_loops
 from align.models.adapters import DENOISER_KINDS
 from align.models.llada import ATTN_IMPLEMENTATIONS
 from align.models.loading import LORA_BIAS, LORA_INIT_UNSUPPORTED, LORA_INIT_WEIGHTS
 from align.models.resolve import DTYPES
 from align.options import FieldError, check_choice, check_range
+from align.rewards.loop_reward import LoopPenalty
 from align.sampling.settings import SamplerSettings
 from align.trainers.grpo_config import GRPOOptions
 from align.trainers.sft_config import DiffusionSFTOptions
@@ -229,8 +229,12 @@ def _check_module_names(key: str, value: list[str] | str) -> None:
         raise FieldError(key, f"has an empty name at position {blank[0]}")
 
 
+#: ``loop_penalty`` arguments that shape a reward rather than detect loops (not evaluation settings).
+_NOT_DETECTION = {"pad_ids", "shaping", "threshold", "scale"}
+
+
 def _loop_detection_keys() -> list[str]:
-    return sorted(set(inspect.signature(detect_loops).parameters) - {"completion_ids", "pad_ids"})
+    return sorted(set(inspect.signature(LoopPenalty).parameters) - _NOT_DETECTION)
 
 
 @dataclass
@@ -244,9 +248,11 @@ class EvalConfig(SamplerSettings):
         batch_size: prompts per sampler call.
         gen_length, denoising_steps, block_length, temperature, remasking, threshold, cache, cfg_scale,
             loop_guard: sampler settings (:class:`align.sampling.settings.SamplerSettings`; greedy by default).
-        loop_detection: keyword arguments of :func:`align.loops.detect_loops`, the token-id detector behind
-            ``loop_rate`` (e.g. ``min_span`` for short completions, ``copy_min_span`` to add the copy rule); each
-            sample also records the text-level detector's ``loop_fraction_text``.
+        loop_detection: settings of the detector behind ``loop_rate``, the same as ``loop_penalty``'s (minus its
+            shaping): ``source`` (``text``, the default, or ``ids`` or ``both``), the text path's settings
+            (``min_block_words``, ``word_min_span``, ...) and the token-id path's (``min_span``, ``copy_min_span``,
+            ...). Each sample records ``loop_fraction`` (from ``source``) and both paths' ``loop_fraction_text``
+            and ``loop_fraction_ids``.
     """
 
     enabled: bool = True
@@ -265,6 +271,14 @@ class EvalConfig(SamplerSettings):
         for k in self.loop_detection:
             if k not in valid:
                 raise FieldError(f"loop_detection.{k}", f"is not a loop-detection setting; valid: {', '.join(valid)}")
+        try:
+            self.loop_detector()
+        except (TypeError, ValueError) as err:
+            raise FieldError("loop_detection", str(err).removeprefix("loop_penalty: ")) from err
+
+    def loop_detector(self, pad_ids: tuple[int, ...] = ()) -> LoopPenalty:
+        """The detector behind ``loop_rate`` (``source`` defaults to the text path)."""
+        return LoopPenalty(**{"source": "text", **self.loop_detection}, pad_ids=pad_ids)
 
 
 @dataclass

@@ -294,11 +294,13 @@ def test_loop_penalty_linear_and_threshold_shaping() -> None:
     assert LoopPenalty(source="ids", shaping="threshold", threshold=0.95)(None, ["a", "b"], ids) == [0.0, 0.0]
 
 
-def test_loop_penalty_reads_ids_by_default_text_without_ids_and_both() -> None:
+def test_loop_penalty_reads_text_by_default_ids_without_text_and_both() -> None:
     completions = ["hello world", "network " * 30]
     ids = [[5] * 40, [1, 2, 3]]  # deliberately the opposite of the text
-    assert loop_penalty(None, completions, ids) == [-1.0, 0.0]  # auto: the ids when the trainer passes them
-    assert loop_penalty(None, completions) == [0.0, -1.0]  # auto without ids: the text
+    assert loop_penalty(None, completions, ids) == [0.0, -1.0]  # auto: the text when the trainer passes it
+    assert loop_penalty(None, completions) == [0.0, -1.0]
+    assert loop_penalty(None, None, ids) == [-1.0, 0.0]  # auto without text: the ids
+    assert loop_penalty.fractions(completions, ids, source="ids") == [1.0, 0.0]
     assert LoopPenalty(source="ids")(None, completions, ids) == [-1.0, 0.0]
     assert LoopPenalty(source="text")(None, completions, ids) == [0.0, -1.0]
     assert LoopPenalty(source="both")(None, completions, ids) == [-1.0, -1.0]

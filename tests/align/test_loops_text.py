@@ -13,7 +13,7 @@ ATTEMPT = ("Let's try to use 57 and 64 in a different way. We can express 57 as 
            "then add them: 57 + 64 = 121. Now we need to subtract 1 from 121 to get 6, but 121 - 1 = 120, "
            "which is not 6.\n")
 
-# The kinds of loops real diffusion models make (issue 13; bench/data/README.md).
+# The kinds of loops real diffusion models make (bench/data/README.md).
 LOOPS = {
     # a whole attempt (~60 tokens) repeated until the budget runs out: longer than any period p_max covers
     "long unit": "We need 6 from 57, 64 and 1.\n" + ATTEMPT * 4,
@@ -36,9 +36,11 @@ LOOPS = {
         for label, name in (("Rows:", "row"), ("Fill:", "row"), ("Boxes:", "2x2 box"))),
     # a short unit to the budget (found on the word sequence)
     "short period": "Let's start. " + "we, " * 40,
+    # a short line three times in a row (the shipped tiny model's loop at the end of a solution)
+    "short line three times": "15 * 2 = 30. 30 + 6 = 30. 30 + 6 = 30. 30 + 6 = 30.",
 }
 
-# Repetition that is not a loop (issue 13).
+# Repetition that is not a loop.
 LEGIT = {
     "distinct candidate equations": "".join(
         f"Next, let's try the combination of {a} and {b}:\n\\[ {a} {op} {b} = {r} \\]\nThis is not equal to 57.\n\n"
@@ -62,6 +64,8 @@ LEGIT = {
     "rules for rows, columns and boxes": ("Each row must contain the digits 1-4 exactly once.\n"
                                           "Each column must contain the digits 1-4 exactly once.\n"
                                           "Each 2x2 box must contain the digits 1-4 exactly once.\n"),
+    "a short line twice, then a different one": "17 + 9 = 26. 26 + 9 = 35. 26 + 9 = 35. 35 * 2 = 70.",
+    "a short result in three different lines": "3 + 4 = 7. 7 + 7 = 14. 14 - 7 = 7. The answer is 7.",
     "a block printed twice": ("- 51 - 34 = 17\n- 17 - 6 = 11\n- 11 + 9 = 20\nThis does not give 4.\n"
                               "Let me check again.\n"
                               "- 51 - 34 = 17\n- 17 - 6 = 11\n- 11 + 9 = 20\nThis does not give 4."),
@@ -87,7 +91,7 @@ def test_legitimate_repetition_is_not_a_loop_on_text(name: str) -> None:
     assert not rep.has_loop and rep.fraction == 0.0
 
 
-@pytest.mark.parametrize("name", sorted(set(LOOPS) - {"structural re-printing"}))
+@pytest.mark.parametrize("name", sorted(set(LOOPS) - {"structural re-printing", "short line three times"}))
 def test_token_id_copy_rule_finds_the_loops_the_periodic_rule_misses(name: str) -> None:
     for digits in (False, True):
         (rep,) = detect_loops(bpe_ids([LOOPS[name]], digits))
@@ -100,6 +104,7 @@ def test_token_ids_miss_structural_re_printing_and_flag_cell_enumerations() -> N
     # the limits of the token-id path (docs/concepts.md §6): labels of different lengths shift the copies,
     # and tiny alphabets (digits 0-4) repeat n-grams by chance; the text path gets both right
     assert not detect_loops(bpe_ids([LOOPS["structural re-printing"]]))[0].has_loop
+    assert not detect_loops(bpe_ids([LOOPS["short line three times"]]))[0].has_loop  # 18 tokens < min_span 24
     assert detect_loops(bpe_ids([LEGIT["enumeration of different cells"]]))[0].has_loop
     others = sorted(set(LEGIT) - {"enumeration of different cells"})
     assert not any(r.has_loop for r in detect_loops(bpe_ids([LEGIT[k] for k in others])))
@@ -124,9 +129,11 @@ def test_copies_need_k_min_members_and_enough_words() -> None:
     assert not detect_text_loops([block * 2])[0].has_loop  # two copies
     assert detect_text_loops([block * 3])[0].has_loop
     assert not detect_text_loops([block * 3], TextLoopParams(k_min=4))[0].has_loop
-    short = "Let's try another approach.\n"  # 4 words: a loop only when the copies add up
-    assert not detect_text_loops([short * 3])[0].has_loop
-    assert detect_text_loops([short * 12])[0].has_loop
+    short = "Let's try another approach.\n"  # 4 words: apart, a loop only when the copies add up
+    apart = "".join(short + f"Then {a} + {b} = {a + b} is not 24.\n" for a, b in ((3, 5), (7, 9), (11, 2)))
+    assert not detect_text_loops([apart])[0].has_loop
+    assert detect_text_loops([apart * 4])[0].has_loop
+    assert detect_text_loops([short * 3])[0].has_loop  # in a row: the word scan (18 words and marks)
     assert not detect_text_loops([block * 3], TextLoopParams(min_loop_words=60, words=False))[0].has_loop
 
 
@@ -149,6 +156,15 @@ def test_word_scan_finds_short_loops_inside_one_line_and_can_be_switched_off() -
     assert not detect_text_loops([text], TextLoopParams(words=False))[0].has_loop
     ids, spans = text_word_ids(["we, we", "We!"])
     assert ids == [[0, 1, 0], [0, 2]] and spans[1] == [(0, 2), (2, 3)]
+
+
+def test_word_min_span_sets_the_shortest_periodic_loop_on_words() -> None:
+    text = "30 + 6 = 30. " * 3  # 18 words and punctuation marks: a loop at the default, not with a longer minimum
+    assert detect_text_loops([text])[0].has_loop
+    assert not detect_text_loops([text], TextLoopParams(word_min_span=19))[0].has_loop
+    assert not detect_text_loops(["30 + 6 = 30. " * 2])[0].has_loop  # two copies are never a loop (k_min = 3)
+    with pytest.raises(ValueError, match="word_min_span"):
+        TextLoopParams(word_min_span=0)
 
 
 def test_bad_text_params_raise() -> None:
