@@ -28,7 +28,51 @@ FORMATS = ("auto", "prompt_completion", "messages", "text")
 
 
 class DataFormatError(ValueError):
-    """A dataset row does not have the expected fields or types."""
+    """A dataset row does not have the expected fields or types.
+
+    Attributes:
+        field: the column at fault (None when the row as a whole is).
+        kind: the category counted in reports (one of :data:`PROBLEM_KINDS`).
+        reason: the message without the place in front of it.
+    """
+
+    def __init__(self, message: str, *, field: str | None = None, kind: str = "invalid row",
+                 reason: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+        self.kind = kind
+        self.reason = reason if reason is not None else message
+
+
+#: categories of bad rows, as counted in reports (``data.bad_rows``).
+PROBLEM_KINDS = ("malformed JSON", "not a JSON object", "missing field", "null field", "wrong type", "empty string",
+                 "malformed messages", "longer than max_length", "chosen equals rejected", "invalid row")
+
+
+def row_error(where: str, reason: str, *, field: str | None = None, kind: str = "invalid row") -> DataFormatError:
+    """A :class:`DataFormatError` for the row at ``where`` (message ``"<where>: <reason>"``)."""
+    return DataFormatError(f"{where}: {reason}", field=field, kind=kind, reason=reason)
+
+
+def required(row: Mapping[str, Any], field: str, where: str, note: str = "") -> Any:
+    """The value of ``field`` in ``row``; a missing field or a null value raises :class:`DataFormatError`."""
+    if field not in row:
+        raise row_error(where, f"missing field '{field}'{note}", field=field, kind="missing field")
+    value = row[field]
+    if value is None:
+        raise row_error(where, f"field '{field}' is null{note}", field=field, kind="null field")
+    return value
+
+
+def check_text(value: Any, where: str, field: str, expected: str = "a string") -> str:
+    """``value`` when it is a string with a non-space character; else :class:`DataFormatError` naming ``field``."""
+    if not isinstance(value, str):
+        raise row_error(where, f"field '{field}' must be {expected}, got {type(value).__name__}", field=field,
+                        kind="wrong type")
+    if not value.strip():
+        raise row_error(where, f"field '{field}' is {'empty' if not value else 'whitespace only'}", field=field,
+                        kind="empty string")
+    return value
 
 
 @dataclass(frozen=True)
@@ -57,12 +101,20 @@ def detect_format(columns: Sequence[str], names: ColumnNames = ColumnNames()) ->
 
 
 def _check_messages(msgs: Any, where: str, field: str) -> list[dict[str, str]]:
-    if not isinstance(msgs, list) or not msgs:
-        raise DataFormatError(
-            f"{where}: field '{field}' must be a non-empty list of messages, got {type(msgs).__name__}")
+    if msgs is None:
+        raise row_error(where, f"field '{field}' is null", field=field, kind="null field")
+    if not isinstance(msgs, list):
+        raise row_error(where, f"field '{field}' must be a non-empty list of messages, got {type(msgs).__name__}",
+                        field=field, kind="wrong type")
+    if not msgs:
+        raise row_error(where, f"field '{field}' is an empty list of messages", field=field, kind="empty string")
     for j, m in enumerate(msgs):
         if not isinstance(m, Mapping) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-            raise DataFormatError(f"{where}: field '{field}'[{j}] must be a dict with string 'role' and 'content'")
+            raise row_error(where, f"field '{field}'[{j}] must be a dict with string 'role' and 'content'",
+                            field=field, kind="malformed messages")
+        if not m["content"].strip():
+            raise row_error(where, f"field '{field}'[{j}] has an empty or whitespace-only 'content'", field=field,
+                            kind="empty string")
     return [{"role": m["role"], "content": m["content"]} for m in msgs]
 
 
@@ -106,32 +158,32 @@ def split_row(row: Mapping[str, Any], fmt: str, where: str, names: ColumnNames =
         where: a location used in error messages (e.g. ``"train.jsonl row 17"``).
     """
     if fmt == "prompt_completion":
-        for f in (names.prompt, names.completion):
-            if f not in row or row[f] is None:
-                raise DataFormatError(f"{where}: missing field '{f}'")
-        prompt, completion = row[names.prompt], row[names.completion]
+        prompt = required(row, names.prompt, where)
+        completion = required(row, names.completion, where)
         if isinstance(completion, list):
             msgs = _check_messages(completion, where, names.completion)
             completion = "".join(m["content"] for m in msgs if m["role"] == "assistant")
-        if not isinstance(completion, str):
-            raise DataFormatError(
-                f"{where}: field '{names.completion}' must be a string, got {type(completion).__name__}")
-        if not isinstance(prompt, (str, list)):
-            raise DataFormatError(
-                f"{where}: field '{names.prompt}' must be a string or messages, got {type(prompt).__name__}")
-        return (_as_prompt_messages(prompt, where, names.prompt) if isinstance(prompt, list) else prompt), completion
+            if not completion.strip():
+                raise row_error(where, f"field '{names.completion}' has no assistant message", field=names.completion,
+                                kind="malformed messages")
+        check_text(completion, where, names.completion, "a string or messages")
+        return _prompt_value(prompt, where, names.prompt), completion
     if fmt == "messages":
-        msgs = _check_messages(row.get(names.messages), where, names.messages)
+        msgs = _check_messages(required(row, names.messages, where), where, names.messages)
         if msgs[-1]["role"] != "assistant":
-            raise DataFormatError(f"{where}: the last message of '{names.messages}' must be from the assistant, "
-                                  f"got role {msgs[-1]['role']!r}")
+            raise row_error(where, f"the last message of '{names.messages}' must be from the assistant, "
+                                   f"got role {msgs[-1]['role']!r}", field=names.messages, kind="malformed messages")
         return msgs[:-1], msgs[-1]["content"]
     if fmt == "text":
-        text = row.get(names.text)
-        if not isinstance(text, str):
-            raise DataFormatError(f"{where}: field '{names.text}' must be a string, got {type(text).__name__}")
-        return "", text
+        return "", check_text(required(row, names.text, where), where, names.text)
     raise DataFormatError(f"unknown format {fmt!r}; expected one of {FORMATS}")
+
+
+def _prompt_value(prompt: Any, where: str, field: str) -> list[dict[str, str]] | str:
+    """A prompt read from ``field``: a non-blank string, or a non-empty list of messages."""
+    if isinstance(prompt, list):
+        return _as_prompt_messages(prompt, where, field)
+    return check_text(prompt, where, field, "a string or messages")
 
 
 def encode_prompt(tokenizer: Any, prompt: list[dict[str, str]] | str, *, use_chat_template: bool) -> list[int]:

@@ -9,11 +9,13 @@ TRL's names):
 * **implicit prompt, conversational**: no ``prompt`` column; ``chosen`` and ``rejected`` are whole conversations,
   and the prompt is the messages they share at the start (what TRL's ``extract_prompt`` does).
 
-A pair that cannot teach a preference is reported with its place (``train.jsonl:17`` for a line of a JSONL file,
-``<source> row i`` otherwise) and the reason: an empty chosen or rejected response, or a chosen response equal to
-the rejected one (as text, or after tokenisation). :func:`tokenize_preferences` raises for them, or leaves them out
-and logs each one (``bad_pairs``). Malformed rows (missing columns, wrong types) are always an error, as for the
-other formats (:class:`~align.data.formatting.DataFormatError`).
+Every row is checked by :func:`encode_preference_row`, and bad rows are collected as for the other formats
+(:mod:`align.data.checks`): a missing, null or wrongly typed field, a pair longer than ``max_length``, and a pair
+that cannot teach a preference: an empty chosen or rejected response, or a chosen response equal to the rejected
+one (as text, or after tokenisation). Each is reported with its place (``train.jsonl:17`` for a line of a JSONL
+file, ``<source> row i`` otherwise) and reason. ``bad_rows`` (``data.bad_rows``) decides for all of them: ``strict``
+raises listing them, ``skip`` leaves them out and logs the counts; ``bad_pairs="drop"`` (``vrpo.bad_pairs``) leaves
+out the pairs that cannot teach a preference even under ``strict``.
 
 :func:`task_preference_pairs` builds pairs from the built-in arithmetic task: the correct worked solution is
 chosen, and the rejected one is a looping solution (:func:`~align.data.task.looping_solution`) or a wrong one
@@ -26,20 +28,22 @@ import logging
 import random
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from datasets import Dataset
 
+from align.data.checks import RowProblem, report, screen, settle
 from align.data.formatting import (
     ColumnNames,
     DataFormatError,
-    _as_prompt_messages,
     _check_messages,
+    _prompt_value,
     add_system_prompt,
     encode_pair,
+    required,
+    row_error,
 )
 from align.data.task import is_correct, looping_solution
 
@@ -55,17 +59,6 @@ PAIR_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids", "pair_index")
 SHOWN_BAD_PAIRS = 20
 
 _STEP_RE = re.compile(r"(-?\d+) ([+\-*]) (-?\d+) = (-?\d+)\.")
-
-
-@dataclass(frozen=True)
-class BadPair:
-    """A preference row that cannot be used: where it is (``file:line`` or ``source row i``) and why."""
-
-    where: str
-    reason: str
-
-    def __str__(self) -> str:
-        return f"{self.where}: {self.reason}"
 
 
 def row_locations(source: str, n: int) -> list[str]:
@@ -90,11 +83,12 @@ def _response_text(value: Any, where: str, field: str) -> str:
         msgs = _check_messages(value, where, field)
         roles = sorted({m["role"] for m in msgs} - {"assistant"})
         if roles:
-            raise DataFormatError(f"{where}: field '{field}' holds the response and must contain assistant messages "
-                                  f"only, got role(s) {roles} (put the conversation before it in the prompt)")
+            raise row_error(where, f"field '{field}' holds the response and must contain assistant messages only, "
+                                   f"got role(s) {roles} (put the conversation before it in the prompt)", field=field,
+                            kind="malformed messages")
         return "".join(m["content"] for m in msgs)
-    raise DataFormatError(f"{where}: field '{field}' must be a string or assistant messages, "
-                          f"got {type(value).__name__}")
+    raise row_error(where, f"field '{field}' must be a string or assistant messages, got {type(value).__name__}",
+                    field=field, kind="wrong type")
 
 
 def split_preference_row(row: Mapping[str, Any], where: str, names: ColumnNames | None = None
@@ -105,15 +99,14 @@ def split_preference_row(row: Mapping[str, Any], where: str, names: ColumnNames 
         DataFormatError: a column is missing or has the wrong type, or an implicit-prompt row shares no message.
     """
     names = names or ColumnNames()
-    for f in ("chosen", "rejected"):
-        if f not in row or row[f] is None:
-            raise DataFormatError(f"{where}: missing field '{f}' (preference rows need 'chosen' and 'rejected')")
-    chosen, rejected = row["chosen"], row["rejected"]
+    note = " (preference rows need 'chosen' and 'rejected')"
+    chosen, rejected = required(row, "chosen", where, note), required(row, "rejected", where, note)
     prompt = row.get(names.prompt)
     if prompt is None:
         if not (isinstance(chosen, list) and isinstance(rejected, list)):
-            raise DataFormatError(f"{where}: no '{names.prompt}' field; without one, 'chosen' and 'rejected' must be "
-                                  "conversations that share their first messages (implicit prompt)")
+            raise row_error(where, f"no '{names.prompt}' field; without one, 'chosen' and 'rejected' must be "
+                                   "conversations that share their first messages (implicit prompt)",
+                            field=names.prompt, kind="missing field" if names.prompt not in row else "null field")
         c = _check_messages(chosen, where, "chosen") if chosen else []
         r = _check_messages(rejected, where, "rejected") if rejected else []
         if not c or not r:   # an empty side: reported by pair_problem (the other side's text does not matter)
@@ -124,13 +117,10 @@ def split_preference_row(row: Mapping[str, Any], where: str, names: ColumnNames 
         if c == r:                                   # identical conversations: the last turn is the response
             k = max(len(c) - 1, 0)
         if k == 0:
-            raise DataFormatError(f"{where}: 'chosen' and 'rejected' share no first message, so there is no "
-                                  f"implicit prompt; add a '{names.prompt}' column")
+            raise row_error(where, f"'chosen' and 'rejected' share no first message, so there is no implicit "
+                                   f"prompt; add a '{names.prompt}' column", field="chosen", kind="malformed messages")
         return c[:k], _response_text(c[k:], where, "chosen"), _response_text(r[k:], where, "rejected")
-    if not isinstance(prompt, (str, list)):
-        raise DataFormatError(f"{where}: field '{names.prompt}' must be a string or messages, "
-                              f"got {type(prompt).__name__}")
-    shown = _as_prompt_messages(prompt, where, names.prompt) if isinstance(prompt, list) else prompt
+    shown = _prompt_value(prompt, where, names.prompt)
     return shown, _response_text(chosen, where, "chosen"), _response_text(rejected, where, "rejected")
 
 
@@ -145,67 +135,78 @@ def pair_problem(chosen: str, rejected: str) -> str | None:
     return None
 
 
-def _report(source: str, bad: list[BadPair], total: int) -> str:
-    shown = "\n".join(f"  {b}" for b in bad[:SHOWN_BAD_PAIRS])
-    more = f"\n  ... and {len(bad) - SHOWN_BAD_PAIRS} more" if len(bad) > SHOWN_BAD_PAIRS else ""
-    return f"{source}: {len(bad)} of {total} preference pair(s) cannot teach a preference:\n{shown}{more}"
+#: kinds of the problems that ``bad_pairs="drop"`` leaves out under ``bad_rows="strict"``.
+_PAIR_KINDS = ("empty string", "chosen equals rejected")
+
+
+def encode_preference_row(row: Mapping[str, Any], tokenizer: Any, where: str, *, use_chat_template: bool,
+                          names: ColumnNames, system_prompt: str | None = None
+                          ) -> tuple[tuple[list[int], list[int], list[int]], int]:
+    """``((prompt_ids, chosen_ids, rejected_ids), prompt + longer response length)`` of one preference row; a
+    malformed row or a pair that cannot teach a preference (:func:`pair_problem`, or both responses tokenising to
+    the same ids) raises :class:`DataFormatError` naming ``where``."""
+    prompt, chosen, rejected = split_preference_row(row, where, names)
+    problem = pair_problem(chosen, rejected)
+    if problem is not None:
+        field = None if problem == "chosen equals rejected" else problem.split()[1]
+        raise row_error(where, problem, field=field,
+                        kind="chosen equals rejected" if field is None else "empty string")
+    prompt = add_system_prompt(prompt, system_prompt, where)
+    p, c = encode_pair(tokenizer, prompt, chosen, use_chat_template=use_chat_template)
+    _, r = encode_pair(tokenizer, prompt, rejected, use_chat_template=use_chat_template)
+    if c == r:
+        raise row_error(where, "chosen and rejected tokenize to the same ids", kind="chosen equals rejected")
+    return (p, c, r), len(p) + max(len(c), len(r))
+
+
+def is_pair_problem(p: RowProblem) -> bool:
+    """Whether ``p`` is a pair that cannot teach a preference (what ``bad_pairs="drop"`` leaves out)."""
+    return p.kind in _PAIR_KINDS and (p.field in ("chosen", "rejected") or p.field is None)
 
 
 def tokenize_preferences(ds: Dataset, tokenizer: Any, *, use_chat_template: bool = True,
                          max_length: int | None = None, source: str = "dataset", names: ColumnNames | None = None,
-                         system_prompt: str | None = None, bad_pairs: str = "error") -> Dataset:
+                         system_prompt: str | None = None, bad_pairs: str = "error", bad_rows: str = "strict",
+                         places: list[str] | None = None, problems: list[RowProblem] | None = None) -> Dataset:
     """Add ``prompt_ids``, ``chosen_ids``, ``rejected_ids`` and ``pair_index`` (0 … N−1) to preference rows.
 
     Both responses are encoded after the same prompt with :func:`~align.data.formatting.encode_pair` (so each ends
-    with end-of-turn under a chat template, and EOS). Pairs longer than ``max_length`` (prompt plus the longer
-    response) are dropped and counted in the log. ``bad_pairs``: ``error`` raises :class:`DataFormatError` listing
-    every pair that cannot teach a preference (:func:`pair_problem`, or both responses tokenising to the same ids)
-    with its place; ``drop`` leaves them out and logs the same list.
+    with end-of-turn under a chat template, and EOS). Every row is checked (:func:`encode_preference_row`); pairs
+    longer than ``max_length`` (prompt plus the longer response) are bad rows too. ``bad_rows``: ``strict`` raises
+    :class:`~align.data.checks.BadRowsError` listing every bad row with its place, ``skip`` leaves them out and logs
+    the counts. ``bad_pairs="drop"`` leaves out (and logs) the pairs that cannot teach a preference whatever
+    ``bad_rows`` says; ``error`` leaves them to ``bad_rows``. ``places`` and ``problems`` as in
+    :func:`~align.data.loading.tokenize_dataset`.
     """
     if bad_pairs not in BAD_PAIR_POLICIES:
         raise ValueError(f"bad_pairs must be one of {BAD_PAIR_POLICIES}, got {bad_pairs!r}")
     names = names or ColumnNames()
     if use_chat_template and not getattr(tokenizer, "chat_template", None):
         raise DataFormatError(f"{source}: use_chat_template is set but the tokenizer has no chat template")
-    where_of = row_locations(source, len(ds))
-    cols: dict[str, list[list[int]]] = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": []}
-    keep: list[int] = []
-    bad: list[BadPair] = []
-    too_long = 0
-    for i, row in enumerate(ds):
-        where = where_of[i]
-        prompt, chosen, rejected = split_preference_row(row, where, names)
-        problem = pair_problem(chosen, rejected)
-        if problem is not None:
-            bad.append(BadPair(where, problem))
-            continue
-        prompt = add_system_prompt(prompt, system_prompt, where)
-        p, c = encode_pair(tokenizer, prompt, chosen, use_chat_template=use_chat_template)
-        _, r = encode_pair(tokenizer, prompt, rejected, use_chat_template=use_chat_template)
-        if c == r:
-            bad.append(BadPair(where, "chosen and rejected tokenize to the same ids"))
-            continue
-        if max_length is not None and len(p) + max(len(c), len(r)) > max_length:
-            too_long += 1
-            continue
-        keep.append(i)
-        for key, ids in zip(("prompt_ids", "chosen_ids", "rejected_ids"), (p, c, r), strict=True):
-            cols[key].append(ids)
-    if bad:
-        text = _report(source, bad, len(ds))
-        if bad_pairs == "error":
-            raise DataFormatError(f"{text}\n(fix or remove these rows, or set 'vrpo.bad_pairs: drop' to leave them "
-                                  "out)")
-        logger.warning("%s\nleft out (bad_pairs: drop)", text)
-    if too_long:
-        logger.warning("%s: dropped %d of %d preference pairs longer than max_length=%d tokens", source, too_long,
-                       len(ds), max_length)
-    if not keep:
+
+    def encode(row: Mapping[str, Any], where: str) -> tuple[tuple[list[int], list[int], list[int]], int]:
+        return encode_preference_row(row, tokenizer, where, use_chat_template=use_chat_template, names=names,
+                                     system_prompt=system_prompt)
+
+    where_of = places if places is not None else row_locations(source, len(ds))
+    found = screen(ds, where_of, encode, max_length=max_length, measured="prompt + longer response")
+    rest = found.problems
+    if bad_pairs == "drop":
+        dropped = [p for p in rest if is_pair_problem(p)]
+        rest = [p for p in rest if not is_pair_problem(p)]
+        if dropped:
+            logger.warning("%s\nleft out (vrpo.bad_pairs: drop)", report(source, dropped, len(ds),
+                                                                          shown=SHOWN_BAD_PAIRS))
+    if problems is not None:
+        problems.extend(rest)
+    else:
+        settle(rest, bad_rows, source=source, total=len(ds))
+    if not found.kept:
         raise DataFormatError(f"{source}: no usable preference pairs" if len(ds) else f"{source}: the dataset is empty")
-    out = ds.select(keep) if len(keep) < len(ds) else ds
-    for key, values in cols.items():
-        out = out.add_column(key, values)
-    return out.add_column("pair_index", list(range(len(keep))))
+    out = ds.select(found.kept) if len(found.kept) < len(ds) else ds
+    for k, key in enumerate(("prompt_ids", "chosen_ids", "rejected_ids")):
+        out = out.add_column(key, [v[k] for v in found.values])
+    return out.add_column("pair_index", list(range(len(found.kept))))
 
 
 # ---------------------------------------------------------------------------------------------- built-in task

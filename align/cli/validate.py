@@ -54,6 +54,7 @@ def _tokenizer(cfg: Any, checks: list[Any], problems: list[str]) -> tuple[Any | 
 
 def _data(cfg: Any, checks: list[Any], tokenizer: Any, note: str, problems: list[str]) -> dict[str, Any]:
     """Check the rows (see :func:`align.pipeline.recipe.check_data`); print what was found."""
+    from align.data.checks import BadRowsError
     from align.data.formatting import DataFormatError
     from align.pipeline.recipe import check_data
 
@@ -63,18 +64,24 @@ def _data(cfg: Any, checks: list[Any], tokenizer: Any, note: str, problems: list
         return {}
     try:
         _, _, stats = check_data(cfg, tokenizer)
+    except BadRowsError as err:                       # every bad row, as `dlm-align run` reports them
+        problems.append(f"data: {len(err.problems)} bad row(s) of {err.total} (listed above; data.bad_rows: strict)")
+        print("  BAD ROWS  " + str(err).replace("\n", "\n  "))
+        return {}
     except (DataFormatError, FileNotFoundError, ValueError) as err:
         problems.append(f"data: {err}")
         print(f"  BAD ROW  {err}")
         return {}
     for stage, s in stats.items():
         sample = f" (first {s.checked} of {s.rows})" if s.checked < s.rows else ""
+        bad = ", ".join(f"{n} {kind}" for kind, n in s.bad.items())
+        left_out = f"; left out (data.bad_rows: skip): {bad}" if bad else ""
         if s.longest is None:
-            print(f"  {stage}: {s.checked} rows{sample} have the right shape; not tokenised: {note}")
+            print(f"  {stage}: {s.kept} of {s.checked} rows{sample} have the right shape{left_out}; not tokenised: "
+                  f"{note}")
         else:
-            what = "prompt" if stage == "grpo" else "prompt + completion"
-            print(f"  {stage}: {s.kept} of {s.checked} rows{sample} kept (over data.max_length: {s.checked - s.kept});"
-                  f" longest {what} {s.longest} tokens")
+            what = {"grpo": "prompt", "vrpo": "prompt + longer response"}.get(stage, "prompt + completion")
+            print(f"  {stage}: {s.kept} of {s.checked} rows{sample} kept{left_out}; longest {what} {s.longest} tokens")
     return stats
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from align.config.schema import build_section, split_known, unknown_key
+from align.data.checks import BAD_ROWS
 from align.data.formatting import FORMATS
 from align.data.loading import BUILTIN_TASKS
 from align.data.task import ArithmeticTaskSpec
@@ -98,13 +99,19 @@ class DataConfig:
         format: ``auto``, ``prompt_completion``, ``messages`` or ``text``.
         prompt_column, completion_column, messages_column, text_column, answer_column: column names.
         use_chat_template: wrap prompts in the tokenizer's chat template.
-        max_length: longest prompt + completion in tokens; longer rows are dropped and counted.
+        max_length: longest row in tokens (SFT and pre-training: prompt + completion; GRPO: the prompt; VRPO: the
+            prompt + the longer response). Rows are never truncated: a longer row is a bad row (``bad_rows``).
         system_prompt: a system message put in front of every prompt (SFT, GRPO and evaluation alike;
             :func:`~align.data.formatting.add_system_prompt`): before the messages of a conversational prompt,
             and before a string prompt, which becomes the user message. Without a chat template the messages are
             joined by newlines, so it is the prompt's first line. Rewards see it in conversational prompts only
             (string prompts reach them as the dataset's strings). A row that already has a system message is an
             error. Not allowed with ``format: text`` (no prompts).
+        bad_rows: what to do with bad rows, found before training by checking every row of the files (malformed
+            JSON lines; missing, null, empty or whitespace-only, or wrongly typed fields; rows over ``max_length``;
+            preference pairs whose chosen equals rejected): ``strict`` (default) stops before any model is loaded,
+            listing every one with its file, line or row, field and reason; ``skip`` leaves them out, logs the counts
+            by kind, and the stages train on the rest (:mod:`align.data.checks`).
     """
 
     task: str | None = "arithmetic"
@@ -120,8 +127,10 @@ class DataConfig:
     use_chat_template: bool = True
     max_length: int | None = 512
     system_prompt: str | None = None
+    bad_rows: str = "strict"
 
     def __post_init__(self) -> None:
+        check_choice("bad_rows", self.bad_rows, BAD_ROWS)
         if (self.task is None) == (self.train_files is None):
             raise FieldError("task", "or 'train_files': set exactly one (a built-in task, or local files)",
                              ("train_files",))

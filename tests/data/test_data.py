@@ -117,8 +117,8 @@ def test_messages_and_too_long_rows_are_counted(tmp_path, tok, caplog):
                           {"role": "assistant", "content": "The answer is 3."}]}]
     f.write_text("\n".join(json.dumps(r) for r in rows))
     with caplog.at_level("WARNING"):
-        out = tokenize_dataset(load_files(str(f)), tok, max_length=60, source="chat.jsonl")
-    assert len(out) == 1 and "dropped 1 of 2 rows" in caplog.text
+        out = tokenize_dataset(load_files(str(f)), tok, max_length=60, source="chat.jsonl", bad_rows="skip")
+    assert len(out) == 1 and "1 bad row(s) of 2 (1 longer than max_length)" in caplog.text
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}))
     with pytest.raises(DataFormatError, match="last message"):

@@ -51,7 +51,7 @@ def test_bad_pairs_are_reported_with_file_line_and_reason(tmp_path, tok):
     with pytest.raises(DataFormatError) as err:
         tokenize_preferences(ds, tok, source=str(path))
     text = str(err.value)
-    assert f"{path}: 3 of 5 preference pair(s) cannot teach a preference" in text
+    assert f"{path}: 3 bad row(s) of 5 (2 empty string, 1 chosen equals rejected)" in text
     assert f"{path}:3: chosen equals rejected" in text
     assert f"{path}:4: empty chosen response" in text
     assert f"{path}:5: empty rejected response" in text
@@ -108,7 +108,9 @@ def test_malformed_rows_name_the_row_and_field():
 
 def test_pairs_over_max_length_are_dropped(tok):
     long = {**GOOD, "rejected": " ".join(["3 + 4 = 7."] * 20)}
-    out = tokenize_preferences(Dataset.from_list([GOOD, long]), tok, max_length=40)
+    with pytest.raises(DataFormatError, match=r"row 1: prompt \+ longer response is .* over data\.max_length=40"):
+        tokenize_preferences(Dataset.from_list([GOOD, long]), tok, max_length=40)
+    out = tokenize_preferences(Dataset.from_list([GOOD, long]), tok, max_length=40, bad_rows="skip")
     assert out["rejected"] == [GOOD["rejected"]]
 
 

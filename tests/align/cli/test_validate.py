@@ -75,7 +75,7 @@ def test_validate_reports_a_bad_row_with_its_file_and_row(tmp_path, capsys):
     rc = main(["validate", str(_recipe(tmp_path, train))])
     out = capsys.readouterr().out
     assert rc == 2
-    assert f"{train} row 2: missing field 'completion'" in out
+    assert f"{train}:3: missing field 'completion'" in out
 
 
 def test_a_bad_row_is_named_within_its_own_file(tmp_path, capsys):
@@ -83,7 +83,7 @@ def test_a_bad_row_is_named_within_its_own_file(tmp_path, capsys):
     second = _write_rows(tmp_path / "b.jsonl", [GOOD, {"prompt": "What is 2 + 2 ?", "completion": 4}])
     recipe = _recipe(tmp_path, first)
     assert main(["validate", str(recipe), f"data.train_files=[{first},{second}]"]) == 2
-    assert f"{second} row 1: field 'completion' must be a string" in capsys.readouterr().out
+    assert f"{second}:2: field 'completion' must be a string" in capsys.readouterr().out
 
 
 def test_validate_ok_prints_row_stats_plan_and_memory(tmp_path, capsys):
@@ -116,12 +116,11 @@ def test_run_checks_rows_before_loading_the_model(tmp_path, capsys, monkeypatch)
     monkeypatch.setattr(align.build, "build_model", no_model)
     train = _write_rows(tmp_path / "train.jsonl", [GOOD, {"prompt": 3, "completion": "x"}])
     assert main(["run", str(_recipe(tmp_path, train))]) == 2
-    assert f"{train} row 1: field 'prompt' must be a string or messages" in capsys.readouterr().err
+    assert f"{train}:2: field 'prompt' must be a string or messages" in capsys.readouterr().err
     # GRPO rows go through the prompt checks
     train = _write_rows(tmp_path / "prompts.jsonl", [GOOD, GOOD, {"question": "no prompt"}])
     assert main(["run", str(_recipe(tmp_path, train, stages=("grpo",))), "grpo.per_device_train_batch_size=8"]) == 2
-    # (datasets fills a column a row lacks with null)
-    assert f"{train} row 2: field 'prompt' must be a string or messages, got NoneType" in capsys.readouterr().err
+    assert f"{train}:3: has neither a 'prompt' nor a 'messages' column" in capsys.readouterr().err
 
 
 def test_run_names_every_missing_path_before_loading_the_model(tmp_path, capsys, monkeypatch):
