@@ -43,6 +43,7 @@ bench: setup  ## CPU benchmarks (tables printed, JSON in bench/results/)
 	$(BIN)/python bench/preference.py
 	$(BIN)/python bench/grpo_update.py
 	$(BIN)/python bench/loops.py
+	$(BIN)/python bench/logit_check.py
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

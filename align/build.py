@@ -21,16 +21,18 @@ import torch
 from align.config import ConfigError, ModelConfig, PeftConfig
 from align.models.resolve import DTYPES
 from align.models.resolve import load_tokenizer as build_tokenizer
+from align.rng import derive_seed
 
 __all__ = ["apply_lora", "build_model", "build_model_and_tokenizer", "build_tokenizer"]
 
 logger = logging.getLogger(__name__)
 
 
-def build_model(cfg: ModelConfig, *, vocab_size: int | None = None, tokenizer: Any = None) -> torch.nn.Module:
+def build_model(cfg: ModelConfig, *, vocab_size: int | None = None, tokenizer: Any = None, seed: int = 0
+                ) -> torch.nn.Module:
     """The model of ``cfg``: loaded from ``path`` as ``model.adapter`` says, or randomly initialised from
-    ``init_config``. ``tokenizer`` (the recipe's) supplies the mask id of a wrapped model whose checkpoint
-    names none."""
+    ``init_config`` (the same weights for the same ``seed``, whatever the process did before; the global RNG is left
+    as it was). ``tokenizer`` (the recipe's) supplies the mask id of a wrapped model whose checkpoint names none."""
     from align.models import LLaDAConfig, LLaDAModelLM
     from align.models.adapters import MissingMaskTokenError, load_denoiser
 
@@ -53,7 +55,10 @@ def build_model(cfg: ModelConfig, *, vocab_size: int | None = None, tokenizer: A
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"'model.init_config': {exc}") from exc
         config._attn_implementation = cfg.attn_implementation
-        model = LLaDAModelLM(config).to(dtype)
+        # The initial weights come from their own stream: (seed, 'INIT' in ASCII), inside a forked RNG state.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(seed, 0x494E4954))
+            model = LLaDAModelLM(config).to(dtype)
     if cfg.gradient_checkpointing:
         if not getattr(model, "supports_gradient_checkpointing", False):
             name = type(getattr(model, "model", model)).__name__
@@ -63,8 +68,9 @@ def build_model(cfg: ModelConfig, *, vocab_size: int | None = None, tokenizer: A
     return model
 
 
-def build_model_and_tokenizer(cfg: ModelConfig) -> tuple[torch.nn.Module, Any]:
-    """Model and tokenizer of a recipe's ``model`` section; checks that their special ids agree.
+def build_model_and_tokenizer(cfg: ModelConfig, *, seed: int = 0) -> tuple[torch.nn.Module, Any]:
+    """Model and tokenizer of a recipe's ``model`` section; checks that their special ids agree. ``seed`` (the
+    recipe's) sets the initial weights of a model built from ``init_config``.
 
     A wrapped model (Dream, masked LMs) whose config has no EOS id takes the tokenizer's, which the sampler
     needs to end completions.
@@ -73,7 +79,7 @@ def build_model_and_tokenizer(cfg: ModelConfig) -> tuple[torch.nn.Module, Any]:
     if tok_spec is None:
         raise ConfigError("'model.tokenizer' is required when 'model.path' is not set")
     tokenizer = build_tokenizer(tok_spec)
-    model = build_model(cfg, vocab_size=len(tokenizer), tokenizer=tokenizer)
+    model = build_model(cfg, vocab_size=len(tokenizer), tokenizer=tokenizer, seed=seed)
     if tokenizer.mask_token_id is not None and cfg.mask_token_id is None and \
             tokenizer.mask_token_id != model.mask_token_id:
         logger.warning("tokenizer mask token id %s differs from the model's %s; the model's is used",

@@ -13,6 +13,8 @@ EPILOG = """examples:
   dlm-align validate quickstart                  check a recipe, its paths and rows; plan and memory per GPU
   dlm-align run quickstart                       run a shipped recipe
   dlm-align run my.yaml sft.learning_rate=1e-4   run a file with overrides (key.sub=value, YAML values)
+  dlm-align run --restart quickstart sft.max_steps=300
+                                                 run again, replacing a run of another recipe in output_dir
   dlm-align cp quickstart my.yaml                copy a shipped recipe to edit it
   dlm-align generate --model runs/quickstart/sft/final --prompts prompts.txt
 """
@@ -50,9 +52,36 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from align.recipes import recipe_path
 
     cfg = load_config(recipe_path(args.recipe), args.overrides)
-    run_recipe(cfg)
+    from align.trainers.checkpoints import TrainingStopped
+
+    try:
+        run_recipe(cfg, restart=args.restart, restart_from=args.restart_from)
+    except TrainingStopped as exc:
+        print(f"{exc}: dlm-align run {' '.join([args.recipe, *args.overrides])}", file=sys.stderr)
+        _close_process_group()
+        return 143                                             # 128 + SIGTERM, as a shell reports it
+    except (RuntimeError, MemoryError) as exc:
+        message = _run_failure(cfg, exc, args.recipe)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 1
     _close_process_group()
     return 0
+
+
+def _run_failure(cfg: object, exc: BaseException, recipe: str) -> str | None:
+    """The message for a run that ran out of memory, had too many non-finite steps or sampled non-finite logits
+    (the traceback adds nothing to it); None for any other error."""
+    from align.pipeline.oom import is_out_of_memory, out_of_memory_message
+    from align.sampling import NonFiniteLogitsError
+    from align.trainers.guards import NonFiniteLossError
+
+    if is_out_of_memory(exc):
+        return out_of_memory_message(cfg, exc, recipe)
+    if isinstance(exc, (NonFiniteLossError, NonFiniteLogitsError)):
+        return str(exc)
+    return None
 
 
 def _close_process_group() -> None:
@@ -81,6 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run a recipe (shipped name or YAML path) with key=value overrides")
     p.add_argument("recipe", help="shipped recipe name (see `dlm-align ls`) or path to a YAML file")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. sft.max_steps=100 eval.enabled=false")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--restart", action="store_true",
+                       help="delete the results of an earlier run in output_dir (recipe.yaml, report.json, eval/, "
+                       "every stage folder) and run every stage again; without it a run whose recipe differs from "
+                       "the stored one in keys a kept result depends on stops and names them")
+    again.add_argument("--restart-from", metavar="STAGE",
+                       help="keep the stages before STAGE, delete the results of STAGE and of the stages after it "
+                       "(their folders, evaluations and report entries) and run them again")
     p.set_defaults(func=_cmd_run)
 
     from align.cli.validate import add_validate_parser

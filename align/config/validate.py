@@ -39,6 +39,40 @@ def _check_training_arguments(stage: str, kwargs: dict[str, Any]) -> None:
             raise ConfigError(f"'{stage}': invalid training arguments {sorted(probe)}: {exc}") from exc
 
 
+#: TrainingArguments counts that TrainingArguments accepts at 0 but training cannot start with.
+POSITIVE_TRAINING_COUNTS = ("per_device_train_batch_size", "gradient_accumulation_steps", "per_device_eval_batch_size")
+
+
+def _check_training_numbers(stage: str, kwargs: dict[str, Any]) -> None:
+    """Values ``TrainingArguments`` accepts but training fails on after the model is loaded (a batch of 0, a
+    negative learning rate, no step at all)."""
+    for key in POSITIVE_TRAINING_COUNTS:
+        value = kwargs.get(key, 1)
+        if isinstance(value, int) and not isinstance(value, bool) and value < 1:
+            raise ConfigError(f"'{stage}.{key}' must be >= 1, got {value}")
+    lr = kwargs.get("learning_rate", 0.0)
+    if isinstance(lr, (int, float)) and not lr >= 0:
+        raise ConfigError(f"'{stage}.learning_rate' must be >= 0, got {lr}")
+    steps, epochs = kwargs.get("max_steps", -1), kwargs.get("num_train_epochs", 3.0)
+    if isinstance(steps, int) and steps <= 0 and isinstance(epochs, (int, float)) and epochs <= 0:
+        raise ConfigError(f"'{stage}' would train no step: set '{stage}.max_steps' > 0 or '{stage}.num_train_epochs' "
+                          f"> 0 (got max_steps {steps}, num_train_epochs {epochs})")
+
+
+def _check_task_rows(cfg: RecipeConfig) -> None:
+    """A built-in task split of 0 rows leaves the stages nothing to train on, or evaluation nothing to score."""
+    d = cfg.data
+    if d.task is None:
+        return
+    if int(d.task_args.get("num_train", 1)) < 1:
+        raise ConfigError(f"'data.task_args.num_train' must be >= 1: stages {cfg.stages} need training rows, got "
+                          f"{d.task_args['num_train']}")
+    needs_test = cfg.eval.enabled or ("vrpo" in cfg.stages and cfg.stage_options("vrpo")[0].eval_pairs)
+    if needs_test and int(d.task_args.get("num_test", 1)) < 1:
+        raise ConfigError(f"'data.task_args.num_test' is {d.task_args['num_test']}, but evaluation (or "
+                          "'vrpo.eval_pairs') needs held-out rows; raise it or set 'eval.enabled: false'")
+
+
 def zero_stage(ds: Any) -> int | None:
     """ZeRO stage of a DeepSpeed config (dict or JSON path); None when unset or unreadable."""
     if isinstance(ds, str):
@@ -64,6 +98,8 @@ def _check_stage(cfg: RecipeConfig, stage: str, ta_names: set[str]) -> None:
             raise stage_unknown_key(stage, k, valid)
     if section and stage in cfg.stages:
         _check_training_arguments(stage, rest)
+    if stage in cfg.stages:
+        _check_training_numbers(stage, rest)
     if stage == "grpo" and stage in cfg.stages:
         bs = rest.get("per_device_train_batch_size", 8)
         if isinstance(bs, int) and bs % opts.num_generations:
@@ -130,6 +166,7 @@ def validate(cfg: RecipeConfig) -> RecipeConfig:
     for stage in STAGES:
         _check_stage(cfg, stage, ta_names)
     _check_adapter(cfg)
+    _check_task_rows(cfg)
     if cfg.eval.enabled and cfg.data.task is None and cfg.data.eval_files is None:
         raise ConfigError("evaluation needs held-out rows: set 'data.eval_files' or use 'data.task', "
                           "or set 'eval.enabled: false'")

@@ -4,6 +4,7 @@
 * :mod:`align.pipeline.stage` — :func:`run_stage`: one training stage (its ``TrainingArguments``, trainer and
   final save).
 * :mod:`align.pipeline.report` — the run report: per-stage results, paired tests, the printed table.
+* :mod:`align.pipeline.reruns` — honest re-runs: which recipe keys each stored result depends on, ``--restart``.
 """
 
 from align.pipeline.recipe import load_splits, run_eval, run_recipe

@@ -25,11 +25,34 @@ def load_report(cfg: RecipeConfig) -> dict[str, Any]:
     return {"stages": {}}
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to a temporary file, then move it into place (a crash never leaves half a file)."""
+def drop_stages(cfg: RecipeConfig, stages: list[str]) -> None:
+    """Remove ``stages`` from the stored report: their entries, timings and the comparisons that involve them."""
+    p = report_path(cfg)
+    if not p.is_file():
+        return
+    report = json.loads(p.read_text())
+    for s in stages:
+        report.get("stages", {}).pop(s, None)
+        for key in [k for k in report.get("seconds", {}) if k in (s, f"eval_{s}")]:
+            report["seconds"].pop(key)
+        for key in [k for k in report.get("comparisons", {}) if s in k.split("_vs_")]:
+            report["comparisons"].pop(key)
+    write_json_atomic(p, report)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file, flush it to disk, then move it into place (never half a file)."""
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON as :func:`write_text_atomic` does."""
+    write_text_atomic(path, json.dumps(data, indent=2))
 
 
 def eval_flags(cfg: RecipeConfig, stage: str) -> tuple[list[bool], list[bool]] | None:

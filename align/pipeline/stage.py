@@ -25,7 +25,15 @@ from align.data.loading import tokenize_dataset, tokenize_prompts
 from align.data.task import pretraining_texts
 from align.pipeline.report import load_report
 from align.rng import derive_seed
-from align.trainers.sft import last_complete_checkpoint
+from align.trainers.checkpoints import (
+    STAGING_DIR,
+    StopOnSigterm,
+    TrainingStopped,
+    discard,
+    fsync_dir,
+    fsync_tree,
+    resume_checkpoint,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +52,15 @@ def _data_source(cfg: RecipeConfig) -> str:
 def is_main_process() -> bool:
     """Whether this is rank 0 (or a single-process run)."""
     return int(os.environ.get("RANK", "0")) == 0
+
+
+def wait_for_every_rank() -> None:
+    """Under ``torchrun`` (``WORLD_SIZE`` > 1): a barrier across the ranks (it sets up the process group if
+    needed); a single process returns at once."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import PartialState
+
+        PartialState().wait_for_everyone()
 
 
 def training_arguments(cfg: RecipeConfig, stage: str, ta_kwargs: dict[str, Any]) -> Any:
@@ -70,10 +87,11 @@ def _training_rows(cfg: RecipeConfig, stage: str, train: Any, tokenizer: Any) ->
         texts = pretraining_texts(list(train))
         ds = Dataset.from_dict({d.text_column: texts})
         return tokenize_dataset(ds, tokenizer, fmt="text", use_chat_template=False, max_length=d.max_length,
-                                source=f"{_data_source(cfg)} (pretraining text)", names=column_names(cfg))
+                                source=f"{_data_source(cfg)} (pretraining text)", names=column_names(cfg),
+                                bad_rows=d.bad_rows)
     return tokenize_dataset(train, tokenizer, fmt=d.format, use_chat_template=d.use_chat_template,
                             max_length=d.max_length, source=_data_source(cfg), names=column_names(cfg),
-                            system_prompt=d.system_prompt)
+                            system_prompt=d.system_prompt, bad_rows=d.bad_rows)
 
 
 def preference_rows(cfg: RecipeConfig, rows: Any, tokenizer: Any, source: str | None = None, *,
@@ -91,7 +109,8 @@ def preference_rows(cfg: RecipeConfig, rows: Any, tokenizer: Any, source: str | 
     where = source or (",".join(d.eval_files or []) if held_out and d.task is None else _data_source(cfg))
     return tokenize_preferences(rows, tokenizer, use_chat_template=d.use_chat_template, max_length=d.max_length,
                                 source=where + (" (held-out pairs)" if held_out and d.task is not None else ""),
-                                names=column_names(cfg), system_prompt=d.system_prompt, bad_pairs=opts.bad_pairs)
+                                names=column_names(cfg), system_prompt=d.system_prompt, bad_pairs=opts.bad_pairs,
+                                bad_rows=d.bad_rows)
 
 
 def _held_out_pairs(cfg: RecipeConfig, tokenizer: Any, count: int) -> Any:
@@ -152,6 +171,9 @@ def run_stage(cfg: RecipeConfig, stage: str, model: torch.nn.Module, tokenizer: 
               ) -> torch.nn.Module:
     """Train ``stage`` (resuming from its newest complete checkpoint); return the model to continue with.
 
+    SIGTERM during training saves a complete checkpoint at the next step boundary and raises
+    :class:`~align.trainers.checkpoints.TrainingStopped` (no ``final`` is written); the same run resumes from it.
+
     That model is the trained model without ``peft``, the merged model with ``peft.merge: true``, and the model
     with its adapter (PEFT-wrapped) with ``peft.merge: false``. In that last case a stage that already finished
     (``<stage>/final`` holds its adapter and the run report has its results) is not trained again: its adapter is
@@ -166,14 +188,21 @@ def run_stage(cfg: RecipeConfig, stage: str, model: torch.nn.Module, tokenizer: 
         model = apply_lora(model, cfg.peft, base_model=_lora_base(cfg, model),
                            seed=derive_seed(cfg.seed, 0x4C6F5241, STAGES.index(stage)))
     trainer, runner = _build_trainer(cfg, stage, model, tokenizer, train)
-    resume = last_complete_checkpoint(stage_dir) if cfg.resume else None
+    newest = resume_checkpoint(stage_dir, clean=is_main_process())    # names and clears torn checkpoints
+    resume = newest if cfg.resume else None
     if resume:
         logger.info("resuming %s from %s", stage, resume)
+    sigterm = StopOnSigterm()
+    trainer.add_callback(sigterm)
     try:
         trainer.train(resume_from_checkpoint=resume)
     finally:
+        sigterm.restore()
         if runner is not None:
             runner.close()
+    if sigterm.stopped_at is not None:
+        ckpt = stage_dir / f"checkpoint-{sigterm.stopped_at}"
+        raise TrainingStopped(sigterm.stopped_at, str(ckpt) if ckpt.is_dir() else None)
     return _save_final(cfg, trainer, tokenizer, stage_dir)
 
 
@@ -241,7 +270,9 @@ def _save_final(cfg: RecipeConfig, trainer: Any, tokenizer: Any, stage_dir: Path
         model = trainer.model
     if is_main_process():
         tokenizer.save_pretrained(str(tmp))
+        fsync_tree(tmp)                    # on disk before it is moved into place: a final is never torn
         if final.exists():
-            shutil.rmtree(final)
+            discard(final, stage_dir / STAGING_DIR)
         os.replace(tmp, final)
+        fsync_dir(stage_dir)
     return model

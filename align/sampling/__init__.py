@@ -20,7 +20,7 @@ from align.sampling.sampler import (
     SamplingConfigError,
     generate,
 )
-from align.sampling.select import completion_lengths
+from align.sampling.select import NonFiniteLogitsError, completion_lengths
 
 __all__ = [
     "BACKENDS",
@@ -31,6 +31,7 @@ __all__ = [
     "LoopGuard",
     "LoopGuardConfig",
     "LoopGuardConfigError",
+    "NonFiniteLogitsError",
     "Remask",
     "SamplerState",
     "SamplingConfigError",

@@ -296,7 +296,7 @@ def generate(
                 head, h[r_idx, i_idx], h_uncond, cfg_scale=cfg_scale, temperature=temperature,
                 remasking=remasking, generator=generator, backend=backend, logits_eos_inf=logits_eos_inf,
                 confidence_eos_eot_inf=confidence_eos_eot_inf, eos_token_id=eos_id, eot_token_id=eot_id,
-                mask_id=mask_id,
+                mask_id=mask_id, step=step,
             )
             conf = torch.full(masked.shape, float("-inf"), device=device)
             conf[r_idx, i_idx] = c.to(conf.dtype)

@@ -15,6 +15,34 @@ from align.kernels.sampling_step import sample_step
 CONFIDENCE_OF_REMASKING = {"low_confidence": "prob", "random": "prob", "margin": "margin", "entropy": "entropy"}
 
 
+class NonFiniteLogitsError(RuntimeError):
+    """The model returned NaN or infinite logits at positions the sampler was to decode.
+
+    Without this check a row of NaN logits would be decoded as token 0 (``argmax`` takes the first NaN) with a
+    NaN confidence, and the rollout would go on silently.
+    """
+
+
+def check_logits(logits: torch.Tensor, step: int | None = None) -> None:
+    """Raise :class:`NonFiniteLogitsError` when ``logits`` ``[N, V]`` hold a NaN or ``+inf``, or a row is all ``-inf``.
+
+    The common case costs one reduction: the sum of the logits is finite exactly when none is NaN or infinite (a
+    sum of float32 logits does not overflow). ``-inf`` at some tokens of a row is allowed (the row still has a
+    finite maximum); only then are the rows inspected one by one.
+    """
+    if bool(torch.isfinite(logits.sum())):
+        return
+    bad = (torch.isnan(logits) | torch.isposinf(logits)).any(dim=-1) | torch.isneginf(logits).all(dim=-1)
+    if not bool(bad.any()):
+        return
+    nan_rows = int(torch.isnan(logits).any(dim=-1).sum())
+    at = "" if step is None else f"denoising step {step}: "
+    raise NonFiniteLogitsError(
+        f"{at}the model's logits are not finite at {int(bad.sum())} of {logits.shape[0]} positions being decoded "
+        f"({nan_rows} with NaN); they would decode as token 0. Check the weights for NaN/inf (a diverged or "
+        "damaged checkpoint) and the dtype (float16 overflows: use bfloat16 or float32)")
+
+
 def score_positions(
     head,
     h_cond: torch.Tensor,
@@ -30,6 +58,7 @@ def score_positions(
     eos_token_id: int | None,
     eot_token_id: int | None,
     mask_id: int,
+    step: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Candidate tokens ``x0`` and confidences ``c`` for ``N`` masked positions.
 
@@ -46,6 +75,8 @@ def score_positions(
             ``x0`` itself is chosen before the suppression. Ignored by ``random`` remasking.
         mask_id: the mask token is never chosen as ``x0`` (committing it would leave the position
             masked); it still counts in the confidence's normalisation, as in the reference.
+        step: the denoising step, named by :class:`NonFiniteLogitsError` when the logits are not finite (checked
+            before either backend of the sampling step runs).
     """
     if h_uncond is not None:
         both = head(torch.cat([h_cond, h_uncond])).float()
@@ -53,6 +84,7 @@ def score_positions(
         logits = un + (cfg_scale + 1.0) * (cond - un)  # CFG: un + (w+1)(cond − un)
     else:
         logits = head(h_cond).float()
+    check_logits(logits, step)
     if logits_eos_inf and eos_token_id is not None:
         logits[:, eos_token_id] = float("-inf")
     kind = CONFIDENCE_OF_REMASKING[remasking]

@@ -42,11 +42,12 @@ from align.data.formatting import is_conversational
 from align.likelihood import LikelihoodEstimate, draw_masks, score_plan
 from align.rng import make_generator
 from align.sampling import completion_lengths
+from align.trainers.checkpoints import CompleteMarker, StagedCheckpoints
 from align.trainers.grpo_buffer import load_rollouts, repeated_window_sampler, save_rollouts
 from align.trainers.grpo_config import GRPOOptions
 from align.trainers.grpo_math import WINDOW_NORMALIZED, aggregate, group_advantages, k3_kl, policy_objective
 from align.trainers.grpo_metrics import policy_metrics, rollout_metrics
-from align.trainers.sft import CompleteMarker, NonFiniteGuard
+from align.trainers.guards import install_guard
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +108,7 @@ def _base(model: torch.nn.Module) -> torch.nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-class DiffusionGRPOTrainer(Trainer):
+class DiffusionGRPOTrainer(StagedCheckpoints, Trainer):
     """GRPO-family trainer for masked diffusion models (diffu-GRPO, coupled-GRPO, ELBO-GRPO).
 
     Args:
@@ -154,7 +155,7 @@ class DiffusionGRPOTrainer(Trainer):
         self.ref_model = None
         if options.beta > 0 and not hasattr(self.model, "disable_adapter"):
             self.ref_model = copy.deepcopy(_base(self.model)).eval().requires_grad_(False)
-        self.add_callback(NonFiniteGuard())
+        self.guard = install_guard(self, options.max_nonfinite_steps)
         self.add_callback(CompleteMarker())
 
     # ------------------------------------------------------------------------------------------ batches
@@ -316,6 +317,7 @@ class DiffusionGRPOTrainer(Trainer):
             log_ratio = (seq - (seq.detach() if old is None else old.seq_logp))[:, None]
         per_tok = policy_objective(o.loss_type, log_ratio, A, logp, mask, eps_low=o.epsilon, eps_high=eps_hi,
                                    **o.loss_args)
+        self.guard.components.record({"grpo/policy": per_tok, "grpo/logp": logp, "grpo/advantages": A}, where=mask)
         kl = None
         if ref is not None:
             if o.is_level == "token":
@@ -324,6 +326,7 @@ class DiffusionGRPOTrainer(Trainer):
                 n_tok = mask.sum(1).clamp_min(1).to(cur.seq_logp.dtype)
                 kl = k3_kl(cur.seq_logp / n_tok, ref.seq_logp / n_tok)[:, None]  # per-token average likelihoods
             per_tok = per_tok + o.beta * kl
+            self.guard.components.record({"grpo/kl": kl}, where=mask)
         window = self._window_tokens if o.loss_type in WINDOW_NORMALIZED else None
         loss = aggregate(per_tok, mask, o.loss_type, o.gen_length, num_items=window)
         for key, v in policy_metrics(o.loss_type, log_ratio, A, mask, eps_low=o.epsilon, eps_high=eps_hi, kl=kl,
@@ -381,6 +384,7 @@ class DiffusionGRPOTrainer(Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Add the averaged GRPO metrics (and write sampled completions) at each logging step."""
         if "loss" in logs:
+            logs.update(self.guard.log_fields())
             for key, vals in self._metrics.items():
                 finite = [v for v in vals if v == v]
                 if finite:

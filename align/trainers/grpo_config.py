@@ -15,6 +15,7 @@ from align.options import FieldError, check_choice, check_range
 from align.rewards import RewardSpecError, check_reward_specs, check_runner_settings
 from align.sampling.settings import SamplerSettings
 from align.trainers.grpo_math import BASELINES, LOSS_ARGS, LOSS_TYPES, SCALE_REWARDS
+from align.trainers.sft_config import check_max_nonfinite_steps
 
 #: importance-sampling ratio per token or per sequence.
 IS_LEVELS = ("token", "sequence")
@@ -76,6 +77,8 @@ class GRPOOptions(SamplerSettings):
             abort), ``timeout_s``, ``isolation`` (none / thread / process), ``max_error_rate``, ``min_samples``,
             ``count_none_as_error``. A reward entry may override ``on_error`` / ``timeout_s`` for itself.
         log_completions: completions written to ``completions.jsonl`` (and loggers) per logging step.
+        max_nonfinite_steps: optimizer steps in a row with a non-finite loss or gradient that stop the run; each
+            such step is skipped (:mod:`align.trainers.guards`).
     """
 
     temperature: float = 1.0
@@ -102,6 +105,7 @@ class GRPOOptions(SamplerSettings):
     rewards: list[dict[str, Any] | str] = field(default_factory=lambda: [{"name": "task_accuracy"}])
     reward_failure: dict[str, Any] = field(default_factory=dict)
     log_completions: int = 4
+    max_nonfinite_steps: int = 5
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -149,6 +153,7 @@ class GRPOOptions(SamplerSettings):
             raise FieldError("reward_failure", f"is invalid: {exc}") from exc
         if self.log_completions < 0:
             raise FieldError("log_completions", f"must be >= 0, got {self.log_completions}")
+        check_max_nonfinite_steps(self.max_nonfinite_steps)
 
     @property
     def loss_args(self) -> dict[str, float]:

@@ -2,102 +2,29 @@
 
 Each micro-batch is noised by the forward process of :mod:`align.masking` with a generator derived from
 ``(seed, global_step, micro_batch, rank)``, so resumed runs draw the same masks. The loss uses the output
-head only at masked positions. Checkpoints are Hugging Face directories; a ``.complete`` marker is written
-after everything else, and :func:`last_complete_checkpoint` only resumes from marked ones.
+head only at masked positions. Checkpoints are Hugging Face directories, written and moved into place as
+:mod:`align.trainers.checkpoints` describes.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import random
-from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer
 
 from align.masking import forward_process, sft_loss
 from align.rng import derive_seed, make_generator
+from align.trainers.checkpoints import CompleteMarker, StagedCheckpoints
+from align.trainers.guards import install_guard
 from align.trainers.sft_config import DiffusionSFTOptions
 
 logger = logging.getLogger(__name__)
 
-COMPLETE_MARKER = ".complete"
 
-
-class NonFiniteLossError(RuntimeError):
-    """Raised after too many consecutive steps with a non-finite loss or gradient."""
-
-
-def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
-    """The newest ``checkpoint-N`` directory of ``output_dir`` that was fully written, or ``None``."""
-    root = Path(output_dir)
-    if not root.is_dir():
-        return None
-    best: tuple[int, Path] | None = None
-    for p in root.iterdir():
-        if p.is_dir() and p.name.startswith("checkpoint-") and (p / COMPLETE_MARKER).exists():
-            try:
-                step = int(p.name.split("-", 1)[1])
-            except ValueError:
-                continue
-            if best is None or step > best[0]:
-                best = (step, p)
-    return str(best[1]) if best else None
-
-
-class NonFiniteGuard(TrainerCallback):
-    """Skip optimizer steps whose gradients are not finite, on every rank; abort after ``max_consecutive``.
-
-    Gradients are checked just before the optimizer step; when any rank sees a NaN/inf, every rank drops
-    its gradients (the optimizer then leaves the weights unchanged). Under DeepSpeed the engine owns the
-    gradients and applies its own overflow handling.
-    """
-
-    def __init__(self, max_consecutive: int = 5) -> None:
-        self.max_consecutive = max_consecutive
-        self.consecutive = 0
-        self.skipped = 0
-
-    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
-        if model is None:
-            return
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        if not grads:
-            return
-        bad = torch.zeros((), device=grads[0].device)
-        for g in grads:
-            bad = torch.maximum(bad, (~torch.isfinite(g)).any().float())
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
-        if bad.item() > 0:
-            self.consecutive += 1
-            self.skipped += 1
-            logger.warning("step %d: non-finite gradient, skipping the update (%d in a row)", state.global_step,
-                           self.consecutive)
-            for p in model.parameters():
-                p.grad = None
-            if self.consecutive >= self.max_consecutive:
-                raise NonFiniteLossError(f"{self.consecutive} consecutive steps had non-finite gradients; "
-                                         "lower the learning rate or check the data")
-        else:
-            self.consecutive = 0
-
-
-class CompleteMarker(TrainerCallback):
-    """Write ``.complete`` into each checkpoint once the trainer has finished saving it."""
-
-    def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.barrier()
-        if state.is_world_process_zero:
-            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            if ckpt.is_dir():
-                (ckpt / COMPLETE_MARKER).write_text(str(state.global_step))
-
-
-class DiffusionSFTTrainer(Trainer):
+class DiffusionSFTTrainer(StagedCheckpoints, Trainer):
     """``transformers.Trainer`` whose loss is the masked-diffusion SFT objective.
 
     Args:
@@ -111,7 +38,7 @@ class DiffusionSFTTrainer(Trainer):
     """
 
     def __init__(self, *args: Any, mask_token_id: int, options: DiffusionSFTOptions, seed: int = 0,
-                 max_nonfinite_steps: int = 5, **kwargs: Any) -> None:
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.mask_token_id = int(mask_token_id)
         self.options = options
@@ -119,7 +46,7 @@ class DiffusionSFTTrainer(Trainer):
         self._micro_step: tuple[int, int] = (-1, 0)
         # The loss is a per-micro-batch mean; let the Trainer divide by the accumulation steps.
         self.loss_is_scaled_for_ga = False
-        self.add_callback(NonFiniteGuard(max_nonfinite_steps))
+        self.guard = install_guard(self, options.max_nonfinite_steps)
         self.add_callback(CompleteMarker())
 
     def _mask_generator(self) -> torch.Generator:
@@ -158,4 +85,11 @@ class DiffusionSFTTrainer(Trainer):
         logits = out.logits.float()                                   # [N, V] at masked positions
         nll = torch.nn.functional.cross_entropy(logits, input_ids[batch.masked], reduction="none")
         loss = sft_loss(nll, batch, response, o.normalization)
+        self.guard.components.record({"sft/nll": nll, "sft/loss": loss})
         return (loss, out) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """``Trainer.log``, with the count of skipped non-finite steps in each training log."""
+        if "loss" in logs:
+            logs.update(self.guard.log_fields())
+        super().log(logs, start_time)

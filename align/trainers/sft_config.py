@@ -23,6 +23,8 @@ class DiffusionSFTOptions:
         normalization: ``sequence`` (LLaDA), ``token`` (d1) or ``masked`` (no 1/p_mask weight).
         eos_train: trailing padding EOS tokens trained: ``all``, ``none`` or an integer k.
         random_length_prob: share of batches cut to a random length (pre-training only, LLaDA uses 0.01).
+        max_nonfinite_steps: optimizer steps in a row with a non-finite loss or gradient that stop the run; each
+            such step is skipped (:mod:`align.trainers.guards`).
     """
 
     eps: float = 1e-3
@@ -31,6 +33,7 @@ class DiffusionSFTOptions:
     normalization: str = "sequence"
     eos_train: str | int = "all"
     random_length_prob: float = 0.0
+    max_nonfinite_steps: int = 5
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.t_min < self.t_max <= 1.0:
@@ -43,3 +46,11 @@ class DiffusionSFTOptions:
         except CollatorError as exc:
             raise FieldError("eos_train", f"must be all, none or an integer >= 0, got {self.eos_train!r}") from exc
         check_range("random_length_prob", self.random_length_prob, low=0.0, high=1.0)
+        check_max_nonfinite_steps(self.max_nonfinite_steps)
+
+
+def check_max_nonfinite_steps(value: int) -> None:
+    """Raise :class:`FieldError` unless ``max_nonfinite_steps`` is an integer >= 1 (every stage has the field)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise FieldError("max_nonfinite_steps", f"must be an integer >= 1 (skipped steps in a row that stop the run), "
+                                                f"got {value!r}")

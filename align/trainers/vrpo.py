@@ -37,8 +37,9 @@ from align.data.preference import PAIR_COLUMNS
 from align.likelihood import LikelihoodEstimate, MaskPlan, draw_elbo_masks, score_plan
 from align.rng import make_generator
 from align.stats import mcnemar_exact
+from align.trainers.checkpoints import CompleteMarker, StagedCheckpoints
 from align.trainers.grpo import _base, _ForwardShim
-from align.trainers.sft import CompleteMarker, NonFiniteGuard
+from align.trainers.guards import install_guard
 from align.trainers.vrpo_config import VRPOOptions
 from align.trainers.vrpo_math import combined_loss, score_variance, stack_plans
 
@@ -50,7 +51,7 @@ _STREAM = 0x5652504F
 FIXED_DRAW, EVAL_DRAW = -1, -2
 
 
-class DiffusionVRPOTrainer(Trainer):
+class DiffusionVRPOTrainer(StagedCheckpoints, Trainer):
     """Preference optimization of a masked diffusion model on ELBO estimates (DPO, robust DPO, IPO, hinge, and their
     sums with likelihood on the chosen responses).
 
@@ -79,7 +80,7 @@ class DiffusionVRPOTrainer(Trainer):
         self._ref_rows: torch.Tensor | None = None   # [N, 2, n] precomputed reference rows per pair
         self._eval_ref: torch.Tensor | None = None   # [M, 2] reference estimates of the held-out pairs
         self._metrics: dict[str, list[float]] = defaultdict(list)
-        self.add_callback(NonFiniteGuard())
+        self.guard = install_guard(self, options.max_nonfinite_steps)
         self.add_callback(CompleteMarker())
 
     # ------------------------------------------------------------------------------------------ draws
@@ -161,6 +162,8 @@ class DiffusionVRPOTrainer(Trainer):
         lengths = inputs["response_mask"].sum(-1).view(-1, 2)
         out = combined_loss(cur_rows.sum(-1), ref_rows.sum(-1), lengths, loss_types=o.loss_types, weights=o.weights,
                             beta=o.beta, label_smoothing=o.label_smoothing)
+        self.guard.components.record({"vrpo/policy_elbo": cur_rows, "vrpo/reference_elbo": ref_rows,
+                                      f"vrpo/{'+'.join(o.loss_types)}": out.losses})
         self._record(out.chosen_rewards, out.rejected_rewards, cur.seq_logp.detach().view(-1, 2),
                      score_variance(cur_rows.detach(), ref_rows, o.beta))
         loss = out.losses.mean()
@@ -181,6 +184,7 @@ class DiffusionVRPOTrainer(Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Add the averaged preference metrics at each logging step."""
         if "loss" in logs:
+            logs.update(self.guard.log_fields())
             for key, vals in self._metrics.items():
                 finite = [v for v in vals if v == v]
                 if finite:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from align.data.preference import BAD_PAIR_POLICIES, REJECTED_KINDS
 from align.likelihood import SAMPLERS, check_estimator_args
 from align.options import FieldError, check_choice, check_range
+from align.trainers.sft_config import check_max_nonfinite_steps
 from align.trainers.vrpo_math import ALL_LOSS_TYPES, SMOOTHED_LOSSES
 
 #: where the reference estimates come from: a model held during training, or a pass before it.
@@ -63,6 +64,8 @@ class VRPOOptions:
             with ``B̂_θ(y_w) > B̂_θ(y_l)``, ``rewards/accuracies`` the share with a positive implicit reward margin,
             both on fixed draws. From the task's held-out split, or ``data.eval_files`` in preference format.
         eval_num_samples: the estimator budget ``n`` of that evaluation.
+        max_nonfinite_steps: optimizer steps in a row with a non-finite loss or gradient that stop the run; each
+            such step is skipped (:mod:`align.trainers.guards`).
     """
 
     beta: float = 0.1
@@ -77,6 +80,7 @@ class VRPOOptions:
     task_rejected: str | None = None
     eval_pairs: int = 0
     eval_num_samples: int = 8
+    max_nonfinite_steps: int = 5
 
     def __post_init__(self) -> None:
         check_range("beta", self.beta, low=0.0, low_open=True)
@@ -106,6 +110,7 @@ class VRPOOptions:
         if isinstance(self.eval_pairs, bool) or self.eval_pairs < 0:
             raise FieldError("eval_pairs", f"must be >= 0, got {self.eval_pairs!r}")
         _check_budget("eval_num_samples", self.eval_num_samples, self.sampler)
+        check_max_nonfinite_steps(self.max_nonfinite_steps)
 
     @property
     def loss_types(self) -> list[str]:

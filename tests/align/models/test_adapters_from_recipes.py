@@ -213,3 +213,24 @@ def test_settings_an_adapter_cannot_honour_are_rejected_before_training(checkpoi
         build_model_and_tokenizer(cfg)
     with pytest.raises(ConfigError, match=r"'model\.mask_token_id' is required"):
         build_model(ModelConfig(path=str(checkpoints["masked_lm"])))  # no mask id in config, no tokenizer files
+
+
+def test_init_config_weights_follow_the_recipe_seed_and_leave_the_global_rng_alone(tiny_init_config) -> None:
+    import torch
+
+    from align.config import ModelConfig
+
+    cfg = ModelConfig(init_config=tiny_init_config(), tokenizer="builtin:arithmetic")
+    state = torch.random.get_rng_state()
+    a, b = build_model(cfg, seed=0), build_model(cfg, seed=0)
+    torch.rand(3)  # whatever the process drew in between
+    c, d = build_model(cfg, seed=0), build_model(cfg, seed=1)
+    for (name, x), y, z in zip(a.state_dict().items(), b.state_dict().values(), c.state_dict().values(),
+                               strict=True):
+        assert torch.equal(x, y) and torch.equal(x, z), name
+    assert any(not torch.equal(x, w) for x, w in zip(a.state_dict().values(), d.state_dict().values(), strict=True))
+    torch.random.set_rng_state(state)
+    before = torch.rand(4)
+    torch.random.set_rng_state(state)
+    build_model(cfg, seed=3)
+    assert torch.equal(torch.rand(4), before)  # building a model draws nothing from the global generator

@@ -98,12 +98,18 @@ def test_lora_with_accumulation_and_reference(tmp_path, recipe):
     assert [r["step"] for r in logs if "loss" in r] == [1, 2]
 
 
-def test_resume_continues_the_run(tmp_path, recipe):
-    raw = recipe({"save_steps": 2, "num_iterations": 1})
+def test_resume_continues_the_run(tmp_path, recipe, caplog):
+    import shutil
+
+    raw = recipe({"save_steps": 2, "num_iterations": 1, "max_steps": 4})
     run_recipe(config_from_dict(raw))
-    raw["grpo"]["max_steps"] = 4
-    (tmp_path / "run" / "report.json").unlink()  # the stage is not finished yet: train it further
+    stage = tmp_path / "run" / "grpo"
+    for name in ("checkpoint-4", "final"):                 # as if stopped after step 2: not finished yet
+        shutil.rmtree(stage / name)
+    (tmp_path / "run" / "report.json").unlink()
+    caplog.set_level("INFO", logger="align.pipeline.stage")
     run_recipe(config_from_dict(raw))
+    assert f"resuming grpo from {stage / 'checkpoint-2'}" in caplog.text
     logs = _log(tmp_path)
     assert [r["step"] for r in logs if "loss" in r] == [1, 2, 3, 4]
 

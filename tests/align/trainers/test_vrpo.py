@@ -176,8 +176,12 @@ def test_vrpo_resume_continues_with_the_same_draws(tmp_path, tiny_init_config):
     straight = tmp_path / "straight"
     straight.mkdir()
     assert _run_from_seed(_recipe(straight, tiny_init_config, {**constant, "max_steps": 4, "save_steps": 4})) == 0
-    assert _run_from_seed(_recipe(tmp_path, tiny_init_config, constant)) == 0
-    (tmp_path / "run" / "report.json").unlink()                  # not finished: train it further
+    assert _run_from_seed(_recipe(tmp_path, tiny_init_config, {**constant, "max_steps": 4})) == 0
+    import shutil
+
+    for name in ("checkpoint-4", "final"):                       # as if stopped after step 2: train it further
+        shutil.rmtree(tmp_path / "run" / "vrpo" / name)
+    (tmp_path / "run" / "report.json").unlink()
     assert _run_from_seed(_recipe(tmp_path, tiny_init_config, {**constant, "max_steps": 4})) == 0
     resumed, reference = _logs(tmp_path), _logs(straight)
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]
