@@ -8,8 +8,11 @@ Layout of a run directory::
     <output_dir>/<stage>/.staging     checkpoints being written (moved into place whole when complete)
     <output_dir>/<stage>/final        the stage's model + tokenizer (HF format; LoRA merged if configured)
     <output_dir>/<stage>/adapter      the LoRA adapter alone (when ``peft`` is set)
+    <output_dir>/<stage>/log_history.json  the stage's training log (every logging step), whatever ``report_to`` says
     <output_dir>/eval/<stage>.jsonl   every evaluated completion
     <output_dir>/report.json          {"stages": {"base": {...}, "sft": {...}}, ...}
+    <output_dir>/report.md            results table, paired tests, plots, the recipe (``dlm-align report`` rebuilds it)
+    <output_dir>/plots/*.png          training curves per stage, accuracy and loop rate per stage
 """
 
 from __future__ import annotations
@@ -32,19 +35,17 @@ from align.config import RecipeConfig, config_to_dict
 from align.config.paths import check_paths, missing_paths_error
 from align.data.checks import BadRowsError, counts_by_kind, first_per_row, read_rows, rows_to_dataset, screen, settle
 from align.data.checks import report as bad_rows_report
-from align.data.formatting import DataFormatError, add_system_prompt
+from align.data.formatting import DataFormatError
 from align.data.loading import (
-    check_answer,
     check_rl_columns,
     encode_rl_row,
     encode_row,
     load_task,
     resolve_format,
-    rl_prompt,
     tokenize_prompts,
 )
 from align.data.preference import is_pair_problem
-from align.evaluate import EvalResult, evaluate
+from align.evaluate import EvalResult, eval_problem, eval_problems, evaluate
 from align.pipeline.report import (
     compare_stages,
     load_report,
@@ -274,23 +275,13 @@ def check_data(cfg: RecipeConfig, tokenizer: Any | None) -> tuple[Any, Any | Non
 
 def _eval_row(cfg: RecipeConfig, row: Any, names: Any, where: str) -> tuple[Any, str]:
     """The held-out prompt (as the GRPO stage reads it, with ``data.system_prompt`` in front) and answer of a row."""
-    prompt = add_system_prompt(rl_prompt(row, names, where), cfg.data.system_prompt, where)
-    return prompt, check_answer(row, names, where)
+    return eval_problem(row, names, where, cfg.data.system_prompt)
 
 
 def _eval_rows(cfg: RecipeConfig, test: Any) -> tuple[list[Any], list[str]]:
-    """Held-out prompts (as the GRPO stage reads them, with ``data.system_prompt`` in front) and answers."""
-    names = column_names(cfg)
-    n = min(cfg.eval.num_problems, len(test))
-    if n < cfg.eval.num_problems:
-        logger.warning("held-out split has %d rows; evaluating %d instead of %d", len(test), n,
-                       cfg.eval.num_problems)
-    prompts, answers = [], []
-    for i in range(n):
-        prompt, answer = _eval_row(cfg, test[i], names, f"held-out row {i}")
-        prompts.append(prompt)
-        answers.append(answer)
-    return prompts, answers
+    """Held-out prompts (as the GRPO stage reads them, with ``data.system_prompt`` in front) and answers of the
+    first ``eval.num_problems`` rows (:func:`align.evaluate.eval_problems`; ``dlm-align eval`` reads them so too)."""
+    return eval_problems(test, column_names(cfg), cfg.eval.num_problems, system_prompt=cfg.data.system_prompt)
 
 
 def run_eval(cfg: RecipeConfig, stage: str, model: torch.nn.Module, tokenizer: Any, test: Any) -> EvalResult:
@@ -363,4 +354,16 @@ def run_recipe(cfg: RecipeConfig, *, restart: bool = False, restart_from: str | 
         write_json_atomic(report_path(cfg), report)
         print_table(report)
         print(f"report: {report_path(cfg)}")
+        _write_markdown_report(out)
     return report
+
+
+def _write_markdown_report(out: Path) -> None:
+    """Write ``report.md`` and its plots; a failure there is logged, not raised (``report.json`` is written, and
+    ``dlm-align report`` builds them again from the run directory)."""
+    from align.pipeline.report import write_report_md
+
+    try:
+        print(f"report with plots: {write_report_md(out)}")
+    except Exception:  # the run's results are saved; only their presentation failed
+        logger.exception("could not write %s; rebuild it with: dlm-align report %s", out / "report.md", out)
