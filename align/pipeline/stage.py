@@ -4,7 +4,8 @@ Every stage gets its ``TrainingArguments`` from :func:`training_arguments`; ``pr
 :class:`~align.trainers.sft.DiffusionSFTTrainer`, ``grpo`` runs :class:`~align.trainers.grpo.DiffusionGRPOTrainer`,
 ``vrpo`` runs :class:`~align.trainers.vrpo.DiffusionVRPOTrainer` on preference pairs (:func:`preference_rows`).
 A stage ends by writing ``<stage>/final`` (and ``<stage>/adapter`` under LoRA) and returns the model that
-evaluation and the next stage continue with.
+evaluation and the next stage continue with. Its training log is kept in ``<stage>/log_history.json`` at every
+logging step (:class:`~align.pipeline.history.LogHistoryWriter`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from align.data.collator import PromptCollator, SFTCollator
 from align.data.formatting import ColumnNames
 from align.data.loading import tokenize_dataset, tokenize_prompts
 from align.data.task import pretraining_texts
+from align.pipeline.history import LogHistoryWriter
 from align.pipeline.report import load_report
 from align.rng import derive_seed
 from align.trainers.checkpoints import (
@@ -192,6 +194,7 @@ def run_stage(cfg: RecipeConfig, stage: str, model: torch.nn.Module, tokenizer: 
     resume = newest if cfg.resume else None
     if resume:
         logger.info("resuming %s from %s", stage, resume)
+    trainer.add_callback(LogHistoryWriter(stage_dir))     # <stage>/log_history.json, whatever report_to says
     sigterm = StopOnSigterm()
     trainer.add_callback(sigterm)
     try:
