@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.dlm-align-installed
 # The tested set (constraints.txt) pins every direct dependency and test tool; pyproject.toml only bounds them.
 CONSTRAINTS := constraints.txt
 
-.PHONY: setup test lint check-install quickstart quickstart-clean quickstart-loops bench clean
+.PHONY: setup test lint docs check-install quickstart quickstart-clean quickstart-loops bench clean
 
 # torch first, alone, at the pinned version: the CPU build where the index offers it (an unpinned torch would pull
 # a multi-GB CUDA build).
@@ -21,12 +21,15 @@ setup: $(STAMP)  ## create .venv and install dlm-align with its test tools, at t
 check-install:  ## does installing dlm-align keep an environment's own torch? (a throwaway venv; needs the package index)
 	bash bench/check_install.sh
 
-test: setup  ## lint, then the whole test suite (CPU only, no network)
+test: setup  ## lint, then the whole test suite (CPU only, no network; tests/test_docs_code.py builds the docs site)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
 lint: setup
 	$(BIN)/ruff check .
+
+docs: setup  ## the documentation site into site/ (mkdocs build --strict: a warning fails it; nothing is fetched)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 quickstart: setup  ## the embedded default end to end: base -> SFT -> GRPO, evaluated after each, report in runs/quickstart
 	$(BIN)/dlm-align run quickstart

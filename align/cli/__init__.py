@@ -17,6 +17,11 @@ EPILOG = """examples:
                                                  run again, replacing a run of another recipe in output_dir
   dlm-align cp quickstart my.yaml                copy a shipped recipe to edit it
   dlm-align generate --model runs/quickstart/sft/final --prompts prompts.txt
+  dlm-align report runs/quickstart               rebuild a run's report.md and plots
+  dlm-align eval --run runs/quickstart --out runs/quickstart/eval-again
+                                                 evaluate a run's checkpoints again, every setting recorded
+  dlm-align lm-eval --model dlm-align --model_args pretrained=runs/quickstart/grpo/final --tasks T --include_path D
+                                                 an lm-evaluation-harness task on a checkpoint
 """
 
 
@@ -143,11 +148,38 @@ def build_parser() -> argparse.ArgumentParser:
     from align.cli.merge import add_merge_parser
 
     add_merge_parser(sub)
+
+    from align.cli.eval import add_eval_parser
+
+    add_eval_parser(sub)
+
+    from align.cli.report import add_report_parser
+
+    add_report_parser(sub)
+
+    sub.add_parser("lm-eval", add_help=False, help="run lm-evaluation-harness with the 'dlm-align' model registered "
+                   "(the [eval] extra); every argument after 'lm-eval' goes to lm-eval unchanged, e.g. dlm-align "
+                   "lm-eval --model dlm-align --model_args pretrained=builtin:quickstart-base --tasks T "
+                   "--include_path D")
     return parser
+
+
+def _lm_eval(argv: list[str]) -> int:
+    """``dlm-align lm-eval ARGS``: lm-eval's own command line, with the ``dlm-align`` model registered."""
+    from align.integrations.lm_eval import main as lm_eval_main
+
+    try:
+        return int(lm_eval_main(argv) or 0)
+    except ImportError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``dlm-align`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["lm-eval"]:  # lm-eval parses its own arguments
+        return _lm_eval(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,

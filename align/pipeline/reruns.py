@@ -117,10 +117,12 @@ def restart_paths(cfg: RecipeConfig, restart_from: str | None, everything: bool)
     files of ``output_dir``), else ``restart_from``'s stage and every stage after it, with their evaluations."""
     out = Path(cfg.output_dir)
     if everything:
-        names = ["recipe.yaml", "report.json", "report.json.tmp", "eval", *STAGES]
+        names = ["recipe.yaml", "report.json", "report.json.tmp", "report.md", "plots", "eval", *STAGES]
         return [out / n for n in names if (out / n).exists()], ["*"]
     stages = cfg.stages[cfg.stages.index(restart_from):] if restart_from else []
+    # report.md and its plots describe every stage: the run writes them again when it ends
     paths = [p for s in stages for p in (out / s, out / "eval" / f"{s}.jsonl") if p.exists()]
+    paths += [out / n for n in ("report.md", "plots") if stages and (out / n).exists()]
     return paths, stages
 
 

@@ -162,3 +162,15 @@ def test_restart_from_replaces_the_stage_and_records_what_ran(tiny, tmp_path):
     report = json.loads((run_dir / "report.json").read_text())
     assert report["stages"]["base"]["num_problems"] == report["stages"]["sft"]["num_problems"] == 2
     assert (run_dir / "notes.txt").read_text() == "mine"           # only the run's own files are deleted
+
+
+def test_a_restart_also_deletes_the_report_page_and_its_plots(tmp_path):
+    from align.pipeline.reruns import restart_paths
+
+    cfg = load_config(recipe_path("quickstart"), [f"output_dir={tmp_path}"])
+    for name in ("report.json", "report.md", "plots", "sft", "grpo", "notes.txt"):
+        (tmp_path / name).mkdir() if "." not in name else (tmp_path / name).write_text("x")
+    everything, _ = restart_paths(cfg, None, True)
+    assert {p.name for p in everything} == {"report.json", "report.md", "plots", "sft", "grpo"}  # notes.txt stays
+    from_grpo, drop = restart_paths(cfg, "grpo", False)
+    assert {p.name for p in from_grpo} == {"grpo", "report.md", "plots"} and drop == ["grpo"]
