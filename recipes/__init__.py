@@ -5,15 +5,20 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
+#: folders of launcher configs (accelerate's YAML, DeepSpeed's JSON) shipped beside the recipes
+NOT_RECIPES = ("accelerate",)
+
 
 def _root() -> Path:
     return Path(str(resources.files("align.recipes")))
 
 
 def list_recipes() -> list[str]:
-    """Names of the shipped recipes (``quickstart``, ``llada/sft-lora``, ...)."""
+    """Names of the shipped recipes (``quickstart``, ``llada/sft-lora``, ...); the launcher configs under
+    ``accelerate/`` are shipped beside them but are not recipes."""
     root = _root()
-    return sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml"))
+    return sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml")
+                  if p.relative_to(root).parts[0] not in NOT_RECIPES)
 
 
 def recipe_path(name_or_path: str) -> Path:

@@ -13,6 +13,7 @@ EPILOG = """examples:
   dlm-align validate quickstart                  check a recipe, its paths and rows; plan and memory per GPU
   dlm-align run quickstart                       run a shipped recipe
   dlm-align run my.yaml sft.learning_rate=1e-4   run a file with overrides (key.sub=value, YAML values)
+  dlm-align run quickstart --nproc 2              run on 2 processes (torchrun; one per GPU, gloo on CPU)
   dlm-align run --restart quickstart sft.max_steps=300
                                                  run again, replacing a run of another recipe in output_dir
   dlm-align cp quickstart my.yaml                copy a shipped recipe to edit it
@@ -52,11 +53,19 @@ def _cmd_cp(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from align.cli.launch import LaunchError, launch, plan_from_args, run_args_of
     from align.config import load_config
     from align.pipeline import run_recipe
     from align.recipes import recipe_path
 
-    cfg = load_config(recipe_path(args.recipe), args.overrides)
+    try:
+        plan = plan_from_args(args)
+    except LaunchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    cfg = load_config(recipe_path(args.recipe), args.overrides)   # a bad recipe fails here, once, before a launch
+    if not plan.in_process:
+        return launch(plan, run_args_of(args), verbose=args.verbose)
     from align.trainers.checkpoints import TrainingStopped
 
     try:
@@ -123,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     again.add_argument("--restart-from", metavar="STAGE",
                        help="keep the stages before STAGE, delete the results of STAGE and of the stages after it "
                        "(their folders, evaluations and report entries) and run them again")
+    from align.cli.launch import add_launch_arguments
+
+    add_launch_arguments(p)
     p.set_defaults(func=_cmd_run)
 
     from align.cli.validate import add_validate_parser

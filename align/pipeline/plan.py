@@ -42,7 +42,8 @@ def launch_commands(recipe: str, overrides: list[str], nproc: int, nnodes: int =
     if nproc * nnodes <= 1:
         return [f"dlm-align run {tail}"]
     if nnodes == 1:
-        return [f"torchrun --nproc_per_node {nproc} -m align.cli run {tail}",
+        return [f"dlm-align run {tail} --nproc {nproc}",
+                f"torchrun --nproc_per_node {nproc} -m align.cli run {tail}",
                 f"accelerate launch --num_processes {nproc} -m align.cli run {tail}"]
     return [f"torchrun --nnodes {nnodes} --nproc_per_node {nproc} --node_rank <0..{nnodes - 1}> "
             f"--master_addr <host of node 0> --master_port 29500 -m align.cli run {tail}",

@@ -47,6 +47,7 @@ def test_validate_8b_recipe_prints_memory_table_and_launch_command(capsys, empty
     assert "torchrun --nproc_per_node 8 -m align.cli run llada/sft-lora 'data.train_files=[/path/to/sft.jsonl]'" \
         in out
     assert "accelerate launch --num_processes 8 -m align.cli run llada/sft-lora" in out
+    assert "dlm-align run llada/sft-lora 'data.train_files=[/path/to/sft.jsonl]' --nproc 8" in out
     assert "4 sequences per device x 8 accumulation x 8 process(es) = 256 sequences per optimizer step" in out
     assert "known shape of GSAI-ML/LLaDA-8B-Base" in out
     for row in ("weights", "gradients", "optimizer states", "activations (checkpointing on)",

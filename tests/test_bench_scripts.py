@@ -1,0 +1,137 @@
+"""bench/gpu_check.py, bench/gpu_check.sh and bench/scale.py on CPU: the no-CUDA path, the dry run, and every part
+at tiny shapes (each run in a subprocess, as a user runs the scripts)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "bench"
+# no GPU, one thread, the kernel part on its torch twin (the Triton interpreter is too slow for a smoke test)
+ENV = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, "CUDA_VISIBLE_DEVICES": "",
+       "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def _run(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _gpu_check_module():
+    spec = importlib.util.spec_from_file_location("bench_gpu_check", BENCH / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_check_without_cuda_says_so_and_exits_0():
+    proc = _run(str(BENCH / "gpu_check.py"), "all")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "no CUDA device: nothing to check"
+
+
+def test_gpu_check_sh_without_cuda_exits_0_and_writes_nothing(tmp_path):
+    proc = subprocess.run(["bash", str(BENCH / "gpu_check.sh")], cwd=tmp_path, capture_output=True, text=True,
+                          env={**ENV, "PYTHON": sys.executable}, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "no CUDA device: nothing to check" in proc.stdout
+    assert "==" not in proc.stdout  # no part was started
+
+
+def test_gpu_check_rejects_an_unknown_part():
+    proc = _run(str(BENCH / "gpu_check.py"), "kernels")
+    assert proc.returncode == 2
+    assert "invalid choice: 'kernels'" in proc.stderr
+
+
+def test_gpu_check_dry_run_has_llada_8b_shapes_and_an_estimate(tmp_path):
+    out = tmp_path / "check.json"
+    proc = _run(str(BENCH / "gpu_check.py"), "--dry-run", "all", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    plan = json.loads(out.read_text())["dry_run"]
+    assert plan["parts"] == ["kernel", "rollout", "grpo"]
+    assert 8.0e9 < plan["params"] < 8.1e9                       # LLaDA-8B: 8.02B parameters
+    assert plan["grpo_estimate_bytes"] > 2 * plan["params"]     # bf16 weights plus the step
+    assert "d_model 4096, 32 layers" in proc.stdout and "vocab 126464" in proc.stdout
+
+
+def test_gpu_check_every_part_at_tiny_shapes_on_cpu(tmp_path):
+    out = tmp_path / "check.json"
+    proc = _run(str(BENCH / "gpu_check.py"), "--tiny", "all", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads(out.read_text())
+    assert "device" not in res                                   # no CUDA device was seen
+    k = res["kernel"]
+    assert k["backend"] == "torch" and k["same_tokens_t0"] is True
+    for test in k["chi_square_t1"].values():
+        assert test["dof"] >= 10 and test["p_value"] > 1e-4
+    assert k["kernel_gb_s"] > 0 and k["copy_gb_s_moved"] == pytest.approx(2 * k["copy_gb_s_read"])
+    modes = res["rollout"]["modes"]
+    assert [m["mode"] for m in modes] == ["exact", "threshold 0.9 + prefix cache"]
+    assert all(m["tokens_per_s"] > 0 and 1 <= m["nfe"] <= 16 for m in modes)
+    g = res["grpo"]
+    assert all(g["seconds"][p] > 0 for p in ("rollout", "scoring", "update"))
+    assert g["estimate_total_bytes"] > 0 and g["measured_over_estimate"] is None   # no CUDA allocator on CPU
+    for part in ("## kernel", "## rollout", "## GRPO step"):
+        assert part in proc.stdout
+
+
+def test_chi_square_accepts_the_distribution_and_rejects_another():
+    chi_square = _gpu_check_module().chi_square
+    probs = torch.softmax(torch.linspace(-2, 2, 20, dtype=torch.float64), 0)
+    gen = torch.Generator().manual_seed(0)
+    draws = torch.multinomial(probs, 20000, replacement=True, generator=gen)
+    counts = torch.bincount(draws, minlength=20)
+    _, dof, p_same = chi_square(counts, probs)
+    _, _, p_other = chi_square(counts, probs.flip(0))
+    assert dof == 19
+    assert p_same > 1e-3 and p_other < 1e-12
+
+
+def test_scale_one_step_at_tiny_shapes(tmp_path):
+    out = tmp_path / "scale.json"
+    proc = _run(str(BENCH / "scale.py"), "--d-model", "64", "--n-heads", "4", "--n-layers", "2",
+                "--mlp-hidden-size", "128", "--gen-length", "8", "--block-length", "8", "--steps", "8",
+                "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads(out.read_text())
+    sec = res["seconds"]
+    assert all(sec[p] > 0 for p in ("rollout", "scoring", "update"))
+    assert sec["total"] == pytest.approx(sec["rollout"] + sec["scoring"] + sec["update"])
+    assert res["rollout_nfe"] == 8 and res["rows_per_step"] == 4
+    assert res["params"] > 2 * 126464 * 64 and 0 < res["trainable_params"] < res["params"] / 100
+    assert res["estimate_step_bytes"] > 0
+    if sys.platform == "linux":   # peak RSS from /proc: the measured step within a factor 3 of the estimate
+        assert 1 / 3 < res["measured_over_estimate"] < 3
+    assert "| rollout |" in proc.stdout and "| update |" in proc.stdout
+
+
+def test_scale_step_trains_the_adapter_through_checkpointed_layers():
+    spec = importlib.util.spec_from_file_location("bench_scale", BENCH / "scale.py")
+    scale = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(scale)
+    from align.models import tiny_llada_config
+
+    model = scale.build_policy(tiny_llada_config(vocab_size=128), lora_r=4)
+    trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)          # only the adapter trains
+    times = scale.grpo_step(model, torch.randint(0, 120, (2, 6), generator=torch.Generator().manual_seed(0)),
+                            num_generations=2, gen_length=8, block_length=8, steps=8)
+    assert times["nfe"] == 8
+    changed = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, trainable[n])]
+    assert any("lora_B" in n for n in changed)                          # gradients reached every adapter's B
+    assert len([n for n in changed if "lora_B" in n]) == len([n for n in trainable if "lora_B" in n])
+
+
+def test_scale_rejects_bad_shapes():
+    proc = _run(str(BENCH / "scale.py"), "--d-model", "100", "--n-heads", "3")
+    assert proc.returncode == 2
+    assert "--d-model 100 is not a multiple of --n-heads 3" in proc.stderr
