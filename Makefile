@@ -47,6 +47,7 @@ bench: setup  ## CPU benchmarks (tables printed, JSON in bench/results/)
 	$(BIN)/python bench/grpo_update.py
 	$(BIN)/python bench/loops.py
 	$(BIN)/python bench/logit_check.py
+	$(BIN)/python bench/scale.py
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache
