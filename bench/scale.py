@@ -34,6 +34,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from rollout import _proc_kb  # bench/rollout.py: a field of /proc/self/status in kB
+
 RESULTS = Path(__file__).resolve().parent / "results" / "scale.json"
 LLADA_VOCAB = 126464
 LLADA_MASK_ID = 126336
@@ -72,16 +75,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # ---------------------------------------------------------------------------------------------- memory
-def _proc_kb(field: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
 def reset_peak() -> int | None:
     """Reset the peak-RSS counter (Linux); return the resident size in KiB then, or None where unsupported."""
     try:
