@@ -135,8 +135,8 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, prompts: list[Any], answers
         kept = [comp[i, : lengths[i]].tolist() for i in range(len(comp))]
         texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in kept]
         by_source = {src: detector.fractions(texts, kept, source=src) for src in ("text", "ids")}
-        chosen = detector.fractions(texts, kept) if detector.source == "both" else by_source[
-            "ids" if detector.source == "ids" else "text"]
+        chosen = ([max(t, i) for t, i in zip(by_source["text"], by_source["ids"])] if detector.source == "both"
+                  else by_source["ids" if detector.source == "ids" else "text"])
         for i, p in enumerate(chunk):
             text = texts[i]
             ans = answers[s + i]

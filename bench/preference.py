@@ -21,7 +21,6 @@ For each row, ``--reps`` repetitions of every pair give the variance of ``β h``
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 import time
@@ -30,9 +29,11 @@ from pathlib import Path
 import torch
 
 from align.likelihood import MaskPlan, draw_elbo_masks, exact_elbo, score_plan
-from align.models import LLaDAModelLM, tiny_llada_config
 from align.rng import make_generator
 from align.trainers.vrpo_math import score_variance
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from estimators import build_models  # θ and a perturbed ref, as the estimator benchmark builds them
 
 # (label, how the n views are drawn, shared draws between θ and ref)
 ROWS: list[tuple[str, str, bool]] = [
@@ -64,18 +65,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("bench/results/preference.json"))
     return p.parse_args(argv)
-
-
-def build_models(args: argparse.Namespace) -> tuple[LLaDAModelLM, LLaDAModelLM]:
-    """θ (random init) and ref (θ with every parameter perturbed by ``perturb`` of its std)."""
-    torch.manual_seed(args.seed)        # a script, not library code: seeds the model init only
-    theta = LLaDAModelLM(tiny_llada_config(vocab_size=args.vocab, init_std=args.init_std)).eval()
-    ref = copy.deepcopy(theta)
-    gen = torch.Generator().manual_seed(args.seed + 1)
-    with torch.no_grad():
-        for p in ref.parameters():
-            p.add_(args.perturb * p.std() * torch.randn(p.shape, generator=gen))
-    return theta, ref
 
 
 def t_plan(ids: torch.Tensor, att: torch.Tensor, resp: torch.Tensor, gen: torch.Generator, n: int, mode: str

@@ -46,7 +46,7 @@ from align.trainers.checkpoints import CompleteMarker, StagedCheckpoints
 from align.trainers.grpo_buffer import load_rollouts, repeated_window_sampler, save_rollouts
 from align.trainers.grpo_config import GRPOOptions
 from align.trainers.grpo_math import WINDOW_NORMALIZED, aggregate, group_advantages, k3_kl, policy_objective
-from align.trainers.grpo_metrics import policy_metrics, rollout_metrics
+from align.trainers.grpo_metrics import policy_metrics, rollout_metrics, window_means
 from align.trainers.guards import install_guard
 
 logger = logging.getLogger(__name__)
@@ -385,10 +385,7 @@ class DiffusionGRPOTrainer(StagedCheckpoints, Trainer):
         """Add the averaged GRPO metrics (and write sampled completions) at each logging step."""
         if "loss" in logs:
             logs.update(self.guard.log_fields())
-            for key, vals in self._metrics.items():
-                finite = [v for v in vals if v == v]
-                if finite:
-                    logs[key] = sum(finite) / len(finite)
+            logs.update(window_means(self._metrics))
             if self._time["total"] > 0:
                 logs["rollout/time_share"] = self._time["rollout"] / self._time["total"]
             if self._time["rollout"] > 0:

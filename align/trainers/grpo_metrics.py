@@ -21,6 +21,17 @@ def _mean_std(x: torch.Tensor) -> tuple[float, float]:
     return (ok.mean().item() if ok.numel() else float("nan")), (ok.std().item() if ok.numel() > 1 else 0.0)
 
 
+def window_means(metrics: dict[str, list[float]]) -> dict[str, float]:
+    """The mean of each metric's values over a logging window, NaNs (no value that step) left out; a metric with no
+    number in the window is left out too. Shared by the GRPO and VRPO trainers' ``log``."""
+    out = {}
+    for key, vals in metrics.items():
+        finite = [v for v in vals if v == v]
+        if finite:
+            out[key] = sum(finite) / len(finite)
+    return out
+
+
 def rollout_metrics(names: tuple[str, ...], per_function: torch.Tensor, total: torch.Tensor, advantages: torch.Tensor,
                     lengths: torch.Tensor, has_stop: torch.Tensor, num_generations: int) -> dict[str, float]:
     """Metrics of one batch of rollouts.

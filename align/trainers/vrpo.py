@@ -39,6 +39,7 @@ from align.rng import make_generator
 from align.stats import mcnemar_exact
 from align.trainers.checkpoints import CompleteMarker, StagedCheckpoints
 from align.trainers.grpo import _base, _ForwardShim
+from align.trainers.grpo_metrics import window_means
 from align.trainers.guards import install_guard
 from align.trainers.vrpo_config import VRPOOptions
 from align.trainers.vrpo_math import combined_loss, score_variance, stack_plans
@@ -185,10 +186,7 @@ class DiffusionVRPOTrainer(StagedCheckpoints, Trainer):
         """Add the averaged preference metrics at each logging step."""
         if "loss" in logs:
             logs.update(self.guard.log_fields())
-            for key, vals in self._metrics.items():
-                finite = [v for v in vals if v == v]
-                if finite:
-                    logs[key] = sum(finite) / len(finite)
+            logs.update(window_means(self._metrics))
             self._metrics.clear()
         super().log(logs, start_time)
 

@@ -1,6 +1,5 @@
 """One resolver for model and tokenizer specs: ``builtin:<name>``, local directories, Hub ids (offline cache)."""
 
-import hashlib
 import os
 import re
 import shutil
@@ -40,29 +39,8 @@ def save_tiny_llada(path: Path) -> None:
     save_tokenizer(tok, path)
 
 
-def add_to_hub_cache(cache: Path, repo_id: str, commit: str, files_from: Path, ref: str = "main") -> Path:
-    """Lay out ``files_from`` as huggingface_hub does: content-addressed blobs, a snapshot dir of relative
-    symlinks named by the commit, and ``refs/<ref>`` holding the commit hash."""
-    repo = cache / ("models--" + repo_id.replace("/", "--"))
-    snapshot = repo / "snapshots" / commit
-    (repo / "blobs").mkdir(parents=True, exist_ok=True)
-    snapshot.mkdir(parents=True, exist_ok=True)
-    for src in sorted(files_from.rglob("*")):
-        if src.is_dir():
-            continue
-        data = src.read_bytes()
-        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
-        blob.write_bytes(data)
-        link = snapshot / src.relative_to(files_from)
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(os.path.relpath(blob, link.parent))
-    (repo / "refs").mkdir(exist_ok=True)
-    (repo / "refs" / ref).write_text(commit)  # no trailing newline, as the Hub client writes it
-    return snapshot
-
-
 @pytest.fixture(scope="module")
-def hub_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def hub_cache(tmp_path_factory: pytest.TempPathFactory, add_to_hub_cache) -> Path:
     """A Hugging Face Hub cache holding one tiny LLaDA checkpoint (``tiny-org/tiny-llada``, main = COMMIT)."""
     files = tmp_path_factory.mktemp("files")
     save_tiny_llada(files)
