@@ -45,8 +45,9 @@ from align.sampling import completion_lengths
 from align.trainers.checkpoints import CompleteMarker, StagedCheckpoints
 from align.trainers.grpo_buffer import load_rollouts, repeated_window_sampler, save_rollouts
 from align.trainers.grpo_config import GRPOOptions
-from align.trainers.grpo_math import WINDOW_NORMALIZED, aggregate, group_advantages, k3_kl, policy_objective
-from align.trainers.grpo_metrics import policy_metrics, rollout_metrics, window_means
+from align.trainers.grpo_loss import policy_loss
+from align.trainers.grpo_math import WINDOW_NORMALIZED, group_advantages
+from align.trainers.grpo_metrics import rollout_metrics, window_means
 from align.trainers.guards import install_guard
 
 logger = logging.getLogger(__name__)
@@ -303,34 +304,10 @@ class DiffusionGRPOTrainer(StagedCheckpoints, Trainer):
 
     # ------------------------------------------------------------------------------------------ loss
     def _policy_loss(self, model: torch.nn.Module, ro: Rollout, k: int) -> torch.Tensor:
-        o = self.options
         scorer = _ForwardShim(model, _base(self._policy())) if _base(self._policy()) is not model else model
-        cur = score_plan(scorer, ro.plans[k])
-        old, ref = ro.old[k], ro.ref[k]
-        eps_hi = o.epsilon if o.epsilon_high is None else o.epsilon_high
-        P, A, mask = ro.prompt_len, ro.advantages[:, None], ro.completion_mask
-        logp = cur.token_logp[:, P:]
-        if o.is_level == "token":                    # [N, L]
-            log_ratio = logp - (logp.detach() if old is None else old.token_logp[:, P:])
-        else:                                        # [N, 1]: one ratio per completion, broadcast over its tokens
-            seq = cur.seq_logp
-            log_ratio = (seq - (seq.detach() if old is None else old.seq_logp))[:, None]
-        per_tok = policy_objective(o.loss_type, log_ratio, A, logp, mask, eps_low=o.epsilon, eps_high=eps_hi,
-                                   **o.loss_args)
-        self.guard.components.record({"grpo/policy": per_tok, "grpo/logp": logp, "grpo/advantages": A}, where=mask)
-        kl = None
-        if ref is not None:
-            if o.is_level == "token":
-                kl = k3_kl(logp, ref.token_logp[:, P:])
-            else:
-                n_tok = mask.sum(1).clamp_min(1).to(cur.seq_logp.dtype)
-                kl = k3_kl(cur.seq_logp / n_tok, ref.seq_logp / n_tok)[:, None]  # per-token average likelihoods
-            per_tok = per_tok + o.beta * kl
-            self.guard.components.record({"grpo/kl": kl}, where=mask)
-        window = self._window_tokens if o.loss_type in WINDOW_NORMALIZED else None
-        loss = aggregate(per_tok, mask, o.loss_type, o.gen_length, num_items=window)
-        for key, v in policy_metrics(o.loss_type, log_ratio, A, mask, eps_low=o.epsilon, eps_high=eps_hi, kl=kl,
-                                     token_level=o.is_level == "token", loss_args=o.loss_args).items():
+        window = self._window_tokens if self.options.loss_type in WINDOW_NORMALIZED else None
+        loss, metrics = policy_loss(self.options, scorer, ro, k, window_tokens=window, guard=self.guard)
+        for key, v in metrics.items():
             self._metrics[key].append(v)
         return loss
 
