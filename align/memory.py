@@ -214,7 +214,7 @@ class RolloutShape:
     """One GRPO micro-batch: ``completions`` sequences of ``prompt_len + gen_length`` tokens.
 
     ``rows_per_completion``: masked views the estimator scores per completion (one_step 1, coupled 3,
-    elbo ``num_samples``, trace ``num_views``); ``plans``: mask plans kept for the inner iterations;
+    elbo and block ``num_samples``, trace ``num_views``); ``plans``: mask plans kept for the inner iterations;
     ``reference_copy``: a frozen copy of the weights is the KL reference (``beta > 0`` without LoRA).
     """
 

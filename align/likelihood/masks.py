@@ -19,13 +19,13 @@ the ids' device, so a plan is the same on every device.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
-ESTIMATORS: tuple[str, ...] = ("one_step", "coupled", "elbo", "trace")
+ESTIMATORS: tuple[str, ...] = ("one_step", "coupled", "elbo", "trace", "block")
 SAMPLERS: tuple[str, ...] = ("t", "l_stratified", "quadrature")
 
 
@@ -54,7 +54,7 @@ class MaskPlan:
     """All random draws of one estimate, independent of the model.
 
     Attributes:
-        estimator: ``"one_step"``, ``"coupled"``, ``"elbo/<sampler>"`` or ``"trace"``.
+        estimator: ``"one_step"``, ``"coupled"``, ``"elbo/<sampler>"``, ``"trace"`` or ``"block"``.
         input_ids: ``[B, T]`` clean ids (prompt ``x`` and response ``y``).
         attention_mask: ``[B, T]`` bool, real tokens (False = padding).
         response_mask: ``[B, T]`` bool, positions of ``y``.
@@ -364,18 +364,28 @@ _DRAWERS = {"one_step": draw_one_step_masks, "coupled": draw_coupled_masks, "elb
             "trace": draw_trace_masks}
 
 
+def _drawer(estimator: str) -> Callable[..., MaskPlan]:
+    """The drawing function of ``estimator``; the block drawer lives in :mod:`align.likelihood.blocks`, which
+    builds on this module's helpers (so it is imported here, when first needed)."""
+    if estimator == "block":
+        from align.likelihood.blocks import draw_block_masks
+
+        return draw_block_masks
+    if estimator not in _DRAWERS:
+        raise UnknownEstimatorError(f"unknown likelihood estimator {estimator!r}; expected one of {ESTIMATORS}")
+    return _DRAWERS[estimator]
+
+
 def draw_masks(input_ids: torch.Tensor, response_mask: torch.Tensor, *, estimator: str,
                generator: torch.Generator | int, attention_mask: torch.Tensor | None = None,
                **settings: object) -> MaskPlan:
-    """Draw a plan for ``estimator`` (``"one_step"``, ``"coupled"``, ``"elbo"`` or ``"trace"``) with its settings.
+    """Draw a plan for ``estimator`` (``"one_step"``, ``"coupled"``, ``"elbo"``, ``"trace"`` or ``"block"``).
 
     ``settings`` are the keyword arguments of :func:`draw_one_step_masks`, :func:`draw_coupled_masks`,
-    :func:`draw_elbo_masks` or :func:`draw_trace_masks` (which needs ``commit_step``); an unknown name raises
-    ``TypeError`` like any bad keyword.
+    :func:`draw_elbo_masks`, :func:`draw_trace_masks` (which needs ``commit_step``) or
+    :func:`align.likelihood.blocks.draw_block_masks`; an unknown name raises ``TypeError`` like any bad keyword.
     """
-    if estimator not in _DRAWERS:
-        raise UnknownEstimatorError(f"unknown likelihood estimator {estimator!r}; expected one of {ESTIMATORS}")
-    return _DRAWERS[estimator](input_ids, response_mask, generator=generator, attention_mask=attention_mask,
+    return _drawer(estimator)(input_ids, response_mask, generator=generator, attention_mask=attention_mask,
                               **settings)
 
 
@@ -389,9 +399,8 @@ def check_estimator_args(estimator: str, args: Mapping[str, object]) -> None:
     :class:`InvalidSettingError` for an unknown key or an out-of-range value; the checks are the ones the
     draw itself makes (a dry draw on a two-token dummy sequence).
     """
-    if estimator not in _DRAWERS:
-        raise UnknownEstimatorError(f"unknown likelihood estimator {estimator!r}; expected one of {ESTIMATORS}")
-    allowed = [name for name in inspect.signature(_DRAWERS[estimator]).parameters if name not in _DRAW_INPUTS]
+    drawer = _drawer(estimator)
+    allowed = [name for name in inspect.signature(drawer).parameters if name not in _DRAW_INPUTS]
     unknown = sorted(set(args) - set(allowed))
     if unknown:
         raise InvalidSettingError(f"unknown setting(s) {unknown} for estimator {estimator!r}; allowed: {allowed}")
@@ -399,6 +408,6 @@ def check_estimator_args(estimator: str, args: Mapping[str, object]) -> None:
     resp = torch.tensor([[False, True]])
     trajectory = {"commit_step": torch.tensor([[-1, 0]])} if estimator == "trace" else {}
     try:
-        _DRAWERS[estimator](ids, resp, generator=0, **trajectory, **args)
+        drawer(ids, resp, generator=0, **trajectory, **args)
     except TypeError as exc:
         raise InvalidSettingError(f"bad value in {dict(args)} for estimator {estimator!r}: {exc}") from exc

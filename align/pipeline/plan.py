@@ -175,12 +175,14 @@ def stage_memory(cfg: RecipeConfig, stage: str, arch: Architecture, world_size: 
         return estimate_memory(arch, sequences=batch.per_device, seq_len=seq_len, head_positions=positions,
                                padded=opts.eos_train != "all", **common)
     from align.kernels.logprob import DEFAULT_CHUNK_SIZE
+    from align.trainers.grpo_math import RATIO_FREE
 
     prompt = longest_prompt or longest or fallback
     rows = _rows_per_completion(opts.estimator, dict(opts.estimator_args))
     n_plans = 1 if opts.estimator == "trace" else opts.num_iterations
-    scored = (min(opts.num_iterations - 1, n_plans) if opts.num_iterations > 1 else 0) + \
-        (n_plans if opts.beta > 0 else 0)
+    old_scored = 0 if opts.loss_type in RATIO_FREE or opts.num_iterations == 1 else min(opts.num_iterations - 1,
+                                                                                        n_plans)
+    scored = old_scored + (n_plans if opts.beta > 0 else 0)   # buffered old-policy and reference scores
     rollout = RolloutShape(batch.per_device, prompt, opts.gen_length, opts.block_length or opts.gen_length, rows,
                            opts.cache or "none", n_plans, scored, opts.beta > 0 and peft is None)
     return estimate_memory(arch, sequences=batch.per_device * rows, seq_len=prompt + opts.gen_length,

@@ -1,4 +1,8 @@
-"""The maths of diffusion GRPO (``docs/concepts.md`` §3): advantages, clipped surrogate, KL, aggregation."""
+"""The maths of diffusion GRPO (``docs/concepts.md`` §3): advantages, clipped surrogate, KL, aggregation.
+
+The diffusion-LM objectives (SPG, wd1, ESPO) are in :mod:`align.trainers.objectives`; their names and
+hyper-parameters are listed here with TRL's loss types.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +17,16 @@ LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vesp
 #: accumulation window, every process); the others are normalised per micro-batch and divided by the number of
 #: accumulation steps.
 WINDOW_NORMALIZED = ("dapo", "cispo", "vespo")
-#: hyper-parameters of single loss types: name -> (loss type, TRL's default).
+#: the diffusion-LM objectives beside TRL's loss types (``docs/grpo.md``, "Objectives";
+#: :mod:`align.trainers.objectives`): SPG (arXiv:2510.09541), wd1 (arXiv:2507.08838), ESPO (arXiv:2512.03759).
+OBJECTIVES = ("spg", "wd1", "espo")
+#: every value ``loss_type`` accepts.
+ALL_LOSS_TYPES = LOSS_TYPES + OBJECTIVES
+#: objectives without an importance ratio: they use the current policy's scores only (no old, no reference).
+RATIO_FREE = ("spg", "wd1")
+#: the estimators each objective is defined for (absent: any estimator).
+OBJECTIVE_ESTIMATORS = {"spg": ("block", "elbo"), "espo": ("elbo", "coupled", "block")}
+#: hyper-parameters of single loss types: name -> (loss type, default: TRL's, or the paper's for the objectives).
 LOSS_ARGS = {
     "sapo_temperature_pos": ("sapo", 1.0),
     "sapo_temperature_neg": ("sapo", 1.05),
@@ -21,6 +34,16 @@ LOSS_ARGS = {
     "vespo_lambda_pos": ("vespo", 3.0),
     "vespo_k_neg": ("vespo", 3.0),
     "vespo_lambda_neg": ("vespo", 2.0),
+    "spg_beta": ("spg", 1.5),
+    "spg_omega": ("spg", 0.5),
+    "wd1_psi": ("wd1", 1.0),
+}
+#: the range each :data:`LOSS_ARGS` value must lie in (``check_range`` keywords); unlisted ones must be > 0.
+LOSS_ARG_RANGES = {
+    "vespo_k_pos": {"low": 0.0},
+    "vespo_k_neg": {"low": 0.0},
+    "spg_beta": {"low": 1.0},               # the EUBO is an upper bound for β ≥ 1
+    "spg_omega": {"low": 0.0, "high": 1.0},
 }
 #: loss types whose objective is TRL's clipped surrogate (and which log ``clip_ratio/*``).
 CLIPPED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")

@@ -2,8 +2,8 @@
 
 :func:`rollout_metrics` is computed once per batch of rollouts (rewards, advantages, completion lengths) and
 :func:`policy_metrics` once per inner iteration (KL, clipped shares). Every name is listed in ``docs/grpo.md``.
-Values are computed on each process's own batch; the Trainer logs the main process's, averaged over the
-logging window.
+Values are computed on each process's own micro-batches; at each logging step the trainer gathers every
+process's values and logs their mean over the logging window.
 """
 
 from __future__ import annotations
@@ -126,3 +126,18 @@ def policy_metrics(loss_type: str, log_ratio: torch.Tensor, advantages: torch.Te
         args = {k.removeprefix("vespo_"): v for k, v in (loss_args or {}).items()}
         out["vespo/phi_seq_mean"] = vespo_weights(ratio, advantages, m, **args).mean().item()
     return out
+
+
+def spg_metrics(lower: torch.Tensor, upper: torch.Tensor, advantages: torch.Tensor, n_tok: torch.Tensor
+                ) -> dict[str, float]:
+    """``spg/bound_gap``: the mean per-token gap ``(Û_i − B̂_i) / |y_i|`` between SPG's upper and lower bounds
+    over the completions with ``A_i < 0`` (the ones the upper bound is used for); NaN when there are none.
+
+    Args:
+        lower, upper: ``[N]`` ``B̂`` and ``Û`` (:func:`align.trainers.objectives.spg_upper_bound`).
+        advantages: ``[N]``.
+        n_tok: ``[N]`` completion positions in the loss.
+    """
+    neg = (advantages < 0) & (n_tok > 0)
+    gap = (upper - lower)[neg] / n_tok[neg]
+    return {"spg/bound_gap": gap.float().mean().item() if gap.numel() else float("nan")}
