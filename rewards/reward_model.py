@@ -26,7 +26,8 @@ class SequenceClassificationReward:
 
     Args:
         path: local checkpoint directory (model and tokenizer files).
-        device: ``"auto"`` (CUDA when available, else CPU), or any torch device string.
+        device: ``"auto"`` (the process's own GPU, ``cuda:LOCAL_RANK``, when CUDA is available, else CPU), or any
+            torch device string. Each process loads its own copy.
         batch_size: pairs per forward pass.
         max_length: truncate inputs to this many tokens (None: the tokenizer's own limit, no truncation).
         label_index: which logit of the head is the reward.
@@ -72,8 +73,10 @@ class SequenceClassificationReward:
 
     def resolved_device(self) -> torch.device:
         """The device the model runs on."""
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device == "auto":   # one copy per process, on the process's own GPU (torchrun's LOCAL_RANK)
+            if not torch.cuda.is_available():
+                return torch.device("cpu")
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
         return torch.device(self.device)
 
     def load(self) -> None:

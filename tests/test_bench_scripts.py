@@ -1,5 +1,5 @@
-"""bench/gpu_check.py, bench/gpu_check.sh and bench/scale.py on CPU: the no-CUDA path, the dry run, and every part
-at tiny shapes (each run in a subprocess, as a user runs the scripts)."""
+"""bench/gpu_check.py, bench/gpu_check.sh, bench/fsdp2_check.py and bench/scale.py on CPU: the no-CUDA path, the dry
+run, and every part at tiny shapes (each run in a subprocess, as a user runs the scripts)."""
 
 from __future__ import annotations
 
@@ -135,3 +135,60 @@ def test_scale_rejects_bad_shapes():
     proc = _run(str(BENCH / "scale.py"), "--d-model", "100", "--n-heads", "3")
     assert proc.returncode == 2
     assert "--d-model 100 is not a multiple of --n-heads 3" in proc.stderr
+
+
+def test_fsdp2_check_without_cuda_says_so_and_exits_0():
+    proc = _run(str(BENCH / "fsdp2_check.py"))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "no CUDA device: nothing to check"
+
+
+@pytest.mark.slow
+def test_fsdp2_check_on_cpu_reports_that_fsdp_did_not_run(tmp_path):
+    """On a CPU accelerate runs DDP instead of FSDP: the check runs the recipe to the end, finds `ddp` in the report
+    and fails, saying so (on a GPU machine the same code path passes with `fsdp2`)."""
+    out = tmp_path / "r.json"
+    proc = _run(str(BENCH / "fsdp2_check.py"), "--allow-cpu", "--json", str(out), "--keep", str(tmp_path / "k"),
+                timeout=600)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "FSDP2 did not run as asked" in proc.stdout
+    assert "backend ddp" in proc.stdout
+    result = json.loads(out.read_text())["fsdp2"]
+    assert result["exit"] == 0 and result["ok"] is False
+    assert result["stages"]["grpo"]["processes"] == 2 and result["completions_logged"] > 0
+
+
+@pytest.mark.slow
+def test_objectives_protocol_on_a_tiny_recipe(tmp_path, tiny_init_config):
+    """bench/objectives.py end to end at tiny scale: one SFT stage, then two variants × two seeds from it, each run
+    evaluated before and after; the table and results agree with the runs' own reports."""
+    import yaml
+
+    raw = {"seed": 0, "output_dir": str(tmp_path / "unused"), "stages": ["sft", "grpo"],
+           "model": {"init_config": tiny_init_config(), "tokenizer": "builtin:arithmetic"},
+           "data": {"task": "arithmetic", "task_args": {"num_train": 64, "num_test": 8, "seed": 0}, "max_length": 128},
+           "sft": {"max_steps": 2, "per_device_train_batch_size": 4, "logging_steps": 1},
+           "grpo": {"max_steps": 2, "per_device_train_batch_size": 4, "num_generations": 2, "gen_length": 8,
+                    "denoising_steps": 8, "block_length": 8, "logging_steps": 1},
+           "eval": {"num_problems": 8, "batch_size": 4, "gen_length": 8, "denoising_steps": 8, "block_length": 8}}
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text("# dlm-align run tiny\n" + yaml.safe_dump(raw))
+    proc = _run(str(BENCH / "objectives.py"), "--recipe", str(recipe), "--variants", "grpo/one_step,wd1/one_step",
+                "--seeds", "0", "1", "--out", str(tmp_path / "out"), "--results", str(tmp_path / "res"), timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    out = tmp_path / "out" / "tiny"
+    results = json.loads((tmp_path / "res" / "objectives-tiny.json").read_text())
+    assert [(r["variant"], r["seed"]) for r in results["rows"]] == [
+        ("grpo/one_step", 0), ("grpo/one_step", 1), ("wd1/one_step", 0), ("wd1/one_step", 1)]
+    assert results["sft"] == str(out / "sft" / "sft" / "final")
+    for r in results["rows"]:
+        run = out / r["variant"].replace("/", "-") / f"seed{r['seed']}"
+        report = json.loads((run / "report.json").read_text())
+        assert report["recipe"]["seed"] == r["seed"]
+        assert report["recipe"]["grpo"]["loss_type"] == r["variant"].split("/")[0]
+        assert report["recipe"]["model"]["path"] == results["sft"]
+        assert r["gain_points"] == pytest.approx(100 * (r["grpo_accuracy"] - r["sft_accuracy"]))
+        assert 0 <= r["p_value"] <= 1 and r["seconds_per_step"] > 0
+    lines = (tmp_path / "res" / "objectives-tiny.md").read_text().splitlines()
+    assert len(lines) == 4
+    assert lines[2].startswith("| grpo/one_step | 2 |") and lines[3].startswith("| wd1/one_step | 2 |")

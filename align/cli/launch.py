@@ -39,6 +39,7 @@ class LaunchPlan:
     master_addr: str | None = None
     master_port: int | None = None
     config_file: str | None = None
+    mixed_precision: str | None = None
 
     @property
     def in_process(self) -> bool:
@@ -62,6 +63,9 @@ def add_launch_arguments(p: argparse.ArgumentParser) -> None:
                    f"{DEFAULT_MASTER_PORT} on several)")
     g.add_argument("--launcher", choices=LAUNCHERS, default="torchrun",
                    help="torchrun (default) or accelerate (`accelerate launch`, which reads --config_file)")
+    g.add_argument("--mixed-precision", "--mixed_precision", dest="mixed_precision", default=None,
+                   choices=("no", "fp16", "bf16"), help="override the accelerate config's mixed_precision (with "
+                   "--launcher accelerate); the shipped configs say bf16, `no` trains in the model's dtype")
     g.add_argument("--config_file", "--config-file", dest="config_file", default=None, metavar="YAML",
                    help="accelerate's config (with --launcher accelerate), e.g. recipes/accelerate/zero3.yaml; "
                    "the shipped ones are found by that name from any directory")
@@ -75,7 +79,8 @@ def plan_from_args(args: argparse.Namespace) -> LaunchPlan:
     """
     plan = LaunchPlan(launcher=args.launcher, nproc=args.nproc, nnodes=args.nnodes, node_rank=args.node_rank,
                       master_addr=args.master_addr, master_port=args.master_port,
-                      config_file=_config_file(args.config_file) if args.config_file else None)
+                      config_file=_config_file(args.config_file) if args.config_file else None,
+                      mixed_precision=args.mixed_precision)
     check_plan(plan)
     return plan
 
@@ -103,6 +108,9 @@ def check_plan(plan: LaunchPlan) -> None:
         raise LaunchError(f"--nproc must be >= 1, got {plan.nproc}")
     if plan.nnodes < 1:
         raise LaunchError(f"--nnodes must be >= 1, got {plan.nnodes}")
+    if plan.mixed_precision is not None and plan.launcher != "accelerate":
+        raise LaunchError("--mixed-precision overrides accelerate's config: add --launcher accelerate (with torchrun "
+                          "the recipe's bf16/fp16 keys set it)")
     if plan.config_file is not None and plan.launcher != "accelerate":
         raise LaunchError("--config_file is accelerate's config: add --launcher accelerate (torchrun takes none)")
     if plan.nnodes == 1:
@@ -145,6 +153,8 @@ def launch_command(plan: LaunchPlan, run_args: list[str], *, verbose: bool = Fal
         cmd = [sys.executable, "-m", "accelerate.commands.launch"]
         if plan.config_file:
             cmd += ["--config_file", plan.config_file]
+        if plan.mixed_precision is not None:
+            cmd += ["--mixed_precision", plan.mixed_precision]
         if plan.nproc is not None:
             cmd += ["--num_processes", str(plan.nproc * plan.nnodes)]
         if plan.nnodes > 1:

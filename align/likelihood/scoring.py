@@ -150,8 +150,8 @@ def score_plan(model: nn.Module, plan: MaskPlan, *, micro_batch_size: int | None
         token_logp = token_logp.index_put((b_idx, i_idx), contrib, accumulate=True)
         row_logp = row_logp.index_add(0, r_idx, contrib)
         position_logp = position_logp.index_put((r_idx, i_idx), logp)
-        if anchor_only:
-            token_logp = token_logp + 0.0 * h.float().sum()
+        if anchor_only:   # every parameter, the head included, stays in the graph (DDP waits for each gradient)
+            token_logp = token_logp + 0.0 * (h.float().sum() + model.head(h[:1, :1]).float().sum())
     return LikelihoodEstimate(token_logp.sum(dim=1), token_logp, row_logp, position_logp, plan)
 
 

@@ -45,7 +45,7 @@ from align.data.loading import (
     tokenize_prompts,
 )
 from align.data.preference import is_pair_problem
-from align.evaluate import EvalResult, eval_problem, eval_problems, evaluate
+from align.evaluate import EvalResult, eval_problem, eval_problems, evaluate_sharded
 from align.pipeline.report import (
     compare_stages,
     load_report,
@@ -285,10 +285,12 @@ def _eval_rows(cfg: RecipeConfig, test: Any) -> tuple[list[Any], list[str]]:
 
 
 def run_eval(cfg: RecipeConfig, stage: str, model: torch.nn.Module, tokenizer: Any, test: Any) -> EvalResult:
-    """Evaluate ``model`` on the held-out rows and save the completions under ``eval/<stage>.jsonl``."""
+    """Evaluate ``model`` on the held-out rows (split over the ranks under torchrun, gathered on every rank) and save
+    the completions under ``eval/<stage>.jsonl``."""
     prompts, answers = _eval_rows(cfg, test)
-    res = evaluate(model, tokenizer, prompts, answers, cfg.eval, use_chat_template=cfg.data.use_chat_template,
-                   seed=cfg.seed, desc=f"eval {stage}")
+    wait_for_every_rank()      # under torchrun this sets up the process group, so the problems are split over ranks
+    res = evaluate_sharded(model, tokenizer, prompts, answers, cfg.eval, use_chat_template=cfg.data.use_chat_template,
+                           seed=cfg.seed, desc=f"eval {stage}")
     if is_main_process():
         out = Path(cfg.output_dir) / "eval"
         out.mkdir(parents=True, exist_ok=True)
@@ -338,10 +340,10 @@ def run_recipe(cfg: RecipeConfig, *, restart: bool = False, restart_from: str | 
                 cfg.model, path=str(final), init_config=None, tokenizer=None, mask_token_id=None))
             continue
         t0 = time.perf_counter()
-        model = run_stage(cfg, stage, model, tokenizer, train)
+        model, ran_on = run_stage(cfg, stage, model, tokenizer, train)
         timings[stage] = time.perf_counter() - t0
         # "merged": false when peft.merge is off (final/ then holds the adapter, not full weights)
-        entry: dict[str, Any] = {"checkpoint": str(final), "merged": cfg.peft is None or cfg.peft.merge}
+        entry: dict[str, Any] = {"checkpoint": str(final), "merged": cfg.peft is None or cfg.peft.merge, **ran_on}
         if cfg.eval.enabled:
             t0 = time.perf_counter()
             entry.update(run_eval(cfg, stage, model, tokenizer, test).summary())

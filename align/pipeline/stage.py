@@ -10,6 +10,7 @@ logging step (:class:`~align.pipeline.history.LogHistoryWriter`).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -18,13 +19,15 @@ from typing import Any
 
 import torch
 
-from align.build import apply_lora
+from align.build import apply_lora, build_model_and_tokenizer
 from align.config import STAGES, RecipeConfig
 from align.data.collator import PromptCollator, SFTCollator
 from align.data.formatting import ColumnNames
 from align.data.loading import tokenize_dataset, tokenize_prompts
 from align.data.task import pretraining_texts
+from align.options import ConfigError
 from align.pipeline.history import LogHistoryWriter
+from align.pipeline.ranks import agreed_digest, is_sharded, parallel_layout
 from align.pipeline.report import load_report
 from align.rng import derive_seed
 from align.trainers.checkpoints import (
@@ -76,6 +79,10 @@ def training_arguments(cfg: RecipeConfig, stage: str, ta_kwargs: dict[str, Any])
     kwargs.setdefault("save_strategy", "steps" if "save_steps" in kwargs else "no")
     kwargs.setdefault("disable_tqdm", False)
     kwargs.setdefault("use_cpu", not torch.cuda.is_available())
+    if stage in ("grpo", "vrpo"):
+        # these score completions with the output head outside the model's forward (align.likelihood.score_plan):
+        # DDP's search for unused parameters would count the head as unused and reduce its gradient twice
+        kwargs.setdefault("ddp_find_unused_parameters", False)
     return TrainingArguments(output_dir=str(Path(cfg.output_dir) / stage), seed=cfg.seed, data_seed=cfg.seed,
                              report_to=cfg.report_to, run_name=f"{cfg.run_name or Path(cfg.output_dir).name}-{stage}",
                              remove_unused_columns=False, **kwargs)
@@ -170,8 +177,9 @@ def _build_trainer(cfg: RecipeConfig, stage: str, model: torch.nn.Module, tokeni
 
 
 def run_stage(cfg: RecipeConfig, stage: str, model: torch.nn.Module, tokenizer: Any, train: Any
-              ) -> torch.nn.Module:
-    """Train ``stage`` (resuming from its newest complete checkpoint); return the model to continue with.
+              ) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Train ``stage`` (resuming from its newest complete checkpoint); return the model to continue with and what
+    the stage ran on (``{"processes", "backend", "weights_digest"}``: :mod:`align.pipeline.ranks`).
 
     SIGTERM during training saves a complete checkpoint at the next step boundary and raises
     :class:`~align.trainers.checkpoints.TrainingStopped` (no ``final`` is written); the same run resumes from it.
@@ -180,16 +188,26 @@ def run_stage(cfg: RecipeConfig, stage: str, model: torch.nn.Module, tokenizer: 
     with its adapter (PEFT-wrapped) with ``peft.merge: false``. In that last case a stage that already finished
     (``<stage>/final`` holds its adapter and the run report has its results) is not trained again: its adapter is
     loaded, as :func:`~align.pipeline.recipe.run_recipe` loads a finished stage's merged ``final``.
+
+    Under ZeRO-3 and FSDP, where each rank ends with a shard of the weights, every rank then loads the whole model
+    from ``final``, so that evaluation and the next stage start from whole weights on every rank. Every rank's
+    weights are compared at the end (:func:`~align.pipeline.ranks.agreed_digest`): a rank that drifted stops the
+    run.
     """
     stage_dir = Path(cfg.output_dir) / stage
     if cfg.peft is not None:
         done = stage_dir / "final" / "adapter_config.json"
         if not cfg.peft.merge and cfg.resume and done.is_file() and stage in load_report(cfg)["stages"]:
-            return _load_stage_adapter(model, done.parent)
+            model = _load_stage_adapter(model, done.parent)
+            return model, {"weights_digest": agreed_digest(model, stage)}
         # The adapter's initial weights come from their own stream: (seed, 'LoRA' in ASCII, stage number).
         model = apply_lora(model, cfg.peft, base_model=_lora_base(cfg, model),
                            seed=derive_seed(cfg.seed, 0x4C6F5241, STAGES.index(stage)))
     trainer, runner = _build_trainer(cfg, stage, model, tokenizer, train)
+    layout = parallel_layout(trainer)
+    if cfg.peft is not None and getattr(trainer, "is_fsdp_enabled", False):
+        raise ConfigError(f"'peft' with FSDP (stage {stage}) is not supported: merging the adapter needs whole "
+                          "weights; use DDP or ZeRO-2 with LoRA")
     newest = resume_checkpoint(stage_dir, clean=is_main_process())    # names and clears torn checkpoints
     resume = newest if cfg.resume else None
     if resume:
@@ -206,7 +224,18 @@ def run_stage(cfg: RecipeConfig, stage: str, model: torch.nn.Module, tokenizer: 
     if sigterm.stopped_at is not None:
         ckpt = stage_dir / f"checkpoint-{sigterm.stopped_at}"
         raise TrainingStopped(sigterm.stopped_at, str(ckpt) if ckpt.is_dir() else None)
-    return _save_final(cfg, trainer, tokenizer, stage_dir)
+    model = _save_final(cfg, trainer, tokenizer, stage_dir)
+    if is_sharded(layout):
+        del trainer
+        wait_for_every_rank()                       # final is in place
+        if layout["backend"] == "zero3":
+            from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+            unset_hf_deepspeed_config()             # else from_pretrained would partition the weights again
+        model, _ = build_model_and_tokenizer(dataclasses.replace(
+            cfg.model, path=str((stage_dir / "final").resolve()), init_config=None, tokenizer=None,
+            mask_token_id=None))
+    return model, {**layout, "weights_digest": agreed_digest(model, stage)}
 
 
 def _lora_base(cfg: RecipeConfig, model: torch.nn.Module) -> str | None:

@@ -1,7 +1,8 @@
 """Masked-diffusion SFT (and pre-training) on ``transformers.Trainer``.
 
 Each micro-batch is noised by the forward process of :mod:`align.masking` with a generator derived from
-``(seed, global_step, micro_batch, rank)``, so resumed runs draw the same masks. The loss uses the output
+``(seed, global_step, g)``, ``g`` the micro-batch's place in the step's global batch, so resumed runs draw the
+same masks and N processes draw those of one process with N times the accumulation steps. The loss uses the output
 head only at masked positions. Checkpoints are Hugging Face directories, written and moved into place as
 :mod:`align.trainers.checkpoints` describes.
 """
@@ -54,7 +55,13 @@ class DiffusionSFTTrainer(StagedCheckpoints, Trainer):
         last_step, micro = self._micro_step
         micro = micro + 1 if last_step == step else 0
         self._micro_step = (step, micro)
-        return make_generator(self.mask_seed, step, micro, self.args.process_index)
+        return make_generator(self.mask_seed, step, self._global_micro(micro), 0)
+
+    def _global_micro(self, micro: int) -> int:
+        """The micro-batch's place in the optimizer step's global batch: ``micro · world_size + rank`` (accelerate
+        deals batch ``g`` of a step to rank ``g mod world_size``), so N processes draw the masks of one process
+        with N times the accumulation steps."""
+        return micro * self.args.world_size + self.args.process_index
 
     def _maybe_random_length(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Pre-training: with probability ``random_length_prob`` cut the batch to a random length."""
@@ -62,7 +69,7 @@ class DiffusionSFTTrainer(StagedCheckpoints, Trainer):
         if p <= 0:
             return inputs
         step, micro = self._micro_step
-        rng = random.Random(derive_seed(self.mask_seed, step, micro, self.args.process_index, 1))
+        rng = random.Random(derive_seed(self.mask_seed, step, self._global_micro(micro), 0, 1))
         T = inputs["input_ids"].shape[1]
         if T < 2 or rng.random() >= p:
             return inputs

@@ -77,7 +77,7 @@ def test_out_of_memory_in_evaluation_names_the_eval_settings(tmp_path, tiny_init
     def oom(*a, **k):
         raise torch.OutOfMemoryError("CUDA out of memory")
 
-    monkeypatch.setattr(recipe, "evaluate", oom)
+    monkeypatch.setattr(recipe, "evaluate_sharded", oom)
     raw = _raw(tmp_path, tiny_init_config)
     raw["eval"]["enabled"] = True
     assert main(["run", _write(tmp_path, raw)]) == 1

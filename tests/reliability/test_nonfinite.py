@@ -170,7 +170,7 @@ def test_nan_streak_stops_the_run_with_a_message(tmp_path, tiny_init_config, mon
 
 
 def test_grpo_names_the_kl_term_of_a_planted_nan_step(tmp_path, tiny_init_config, monkeypatch, caplog):
-    import align.trainers.grpo as grpo
+    import align.trainers.grpo_loss as grpo
     from align.cli import main
 
     real, calls = grpo.k3_kl, {"n": 0}
