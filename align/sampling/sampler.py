@@ -184,6 +184,7 @@ def generate(
     num_generations: int = 1,
     generator: torch.Generator | None = None,
     on_commit: OnCommit | None = None,
+    fixed: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> GenerationOutput:
     """Denoise ``gen_length`` masked tokens after each prompt (LLaDA's semi-autoregressive sampler).
@@ -231,6 +232,10 @@ def generate(
             remasked position held; positions must lie in the current block; requests are honoured
             during the first ``steps_per_block − 1`` steps of a block (so every block still ends) and
             ignored for rows already finished.
+        fixed: optional ``[B, L]`` (or ``[R, L]``) completion tokens given in advance (inpainting): every position
+            that holds anything but ``mask_id`` starts decoded with that token and keeps it (no step commits it,
+            no ``on_commit`` remask touches it, its ``commit_step`` stays −1); the sampler decodes the rest. Rows
+            are repeated ``num_generations`` times like the prompts when ``fixed`` has ``B`` rows.
         backend: sampling-step backend: ``"auto"`` (Triton on CUDA, torch otherwise), ``"torch"``,
             ``"triton"``.
 
@@ -262,6 +267,15 @@ def generate(
     L, Lb = gen_length, block_length
     x = torch.full((R, P + L), mask_id, dtype=torch.long, device=device)
     x[:, :P] = prompt_ids
+    given = torch.zeros(R, L, dtype=torch.bool, device=device)
+    if fixed is not None:
+        if fixed.shape[0] * num_generations == R and num_generations > 1:
+            fixed = fixed.repeat_interleave(num_generations, dim=0)
+        if tuple(fixed.shape) != (R, L) or fixed.is_floating_point():
+            raise SamplingConfigError(f"fixed must be integer ids of shape {(R // num_generations, L)} or {(R, L)}, "
+                                      f"got {tuple(fixed.shape)}")
+        given = fixed.to(device) != mask_id
+        x[:, P:] = torch.where(given, fixed.to(device), x[:, P:])
     if attention_mask is not None:
         attention_mask = torch.cat([attention_mask.long(), attention_mask.new_ones(R, L).long()], dim=1)
     commit_step = torch.full((R, L), -1, dtype=torch.long, device=device)
@@ -317,7 +331,7 @@ def generate(
                 state = SamplerState(x, commit_step, committed, step, block, bs - P, be - P, P, mask_id)
                 remask = on_commit(state)
                 if remask is not None and j < steps_per_block - 1:
-                    avoid = _apply_remask(remask, x, commit_step, finished, P, bs, be, mask_id, avoid)
+                    avoid = _apply_remask(remask, x, commit_step, finished, P, bs, be, mask_id, avoid, given)
             if eos_policy == "stop":
                 finished |= finish_rows(x[:, P:], commit_step, finished, stop_ids=stop_ids, fill_id=eos_id,
                                         mask_id=mask_id, step=step)
@@ -362,8 +376,10 @@ def _penalised_head(head: Callable[[torch.Tensor], torch.Tensor], token: torch.T
 
 
 def _apply_remask(remask, x, commit_step, finished, P: int, bs: int, be: int, mask_id: int,
-                  avoid: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Remask the positions an ``on_commit`` hook asked for (current block only; finished rows skipped).
+                  avoid: tuple[torch.Tensor, torch.Tensor] | None, given: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Remask the positions an ``on_commit`` hook asked for (current block only; finished rows and ``given``
+    positions skipped).
 
     Returns the down-weighting state: for a :class:`Remask` with ``penalty > 0`` the token each remasked position
     held is recorded with its ``λ``.
@@ -381,7 +397,7 @@ def _apply_remask(remask, x, commit_step, finished, P: int, bs: int, be: int, ma
     outside[:, bs - P : be - P] = False
     if outside.any():
         raise SamplingConfigError("on_commit asked to remask positions outside the current block")
-    remask = remask.to(x.device) & ~finished[:, None]
+    remask = remask.to(x.device) & ~finished[:, None] & ~given
     gen = x[:, P:]
     if penalty > 0 and bool(remask.any()):
         if avoid is None:

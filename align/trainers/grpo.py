@@ -3,12 +3,13 @@
 One optimizer step (its micro-batches of prompts are fetched together by :meth:`get_batch_samples`):
 
 1. every ``μ = num_iterations`` steps, for each micro-batch, sample ``G`` completions per prompt with the
-   rollout engine (:func:`align.sampling.generate`, generator seeded from ``(seed, cycle, micro, rank)``), score
+   rollout engine (:func:`align.sampling.generate`, generator seeded from ``(seed, cycle, g)``, where
+   ``g = micro · world_size + rank`` is the micro-batch's index in the optimizer step's global batch), score
    them with the reward functions (TRL's calling convention and data forms, failures isolated by
    :class:`align.rewards.RewardRunner`) and compute group advantages. As in TRL, the data loader yields each
    step's prompts ``μ`` times in a row (:mod:`align.trainers.grpo_buffer`), so the rollouts of the first pass
    serve the other ``μ − 1`` and every prompt is used;
-2. draw one mask plan per inner iteration ``k < μ`` (seeded from ``(seed, cycle, micro, rank, k)``) and,
+2. draw one mask plan per inner iteration ``k < μ`` (seeded from ``(seed, cycle, g, k)``) and,
    without gradients, score it under the rollout policy (``old``) and the reference;
 3. score iteration ``k``'s plan under the current policy with gradients and minimise ``loss_type``'s objective
    (``−min(ρA, clip(ρ, 1−ε, 1+ε_high)A) + β·k3`` for grpo) with its normalisation (:mod:`.grpo_math`). At
@@ -20,6 +21,13 @@ of the likelihood passes: they add nothing to the loss, and aggregation still co
 Metrics (TRL's names where the meaning is the same: ``reward``, ``rewards/<fn>/mean``, ``completions/*``,
 ``clip_ratio/*``, ``kl``, ...; plus advantages, rollout time share and tokens/s; ``docs/grpo.md``) go to the
 Trainer's loggers; samples of completions to ``<output_dir>/completions.jsonl``.
+
+Across processes (``docs/distributed.md``): each rank samples, scores and normalises whole groups of its own
+prompts, so advantages never mix ranks; a micro-batch's random streams depend on its place ``g`` in the global
+batch, not on the layout, so ``N`` processes draw the rollouts and masks of one process with ``N`` times the
+accumulation steps. Logged metrics are the mean over every rank's micro-batches and ``completions.jsonl`` holds
+every rank's samples (both gathered at each logging step). Under ZeRO-3 and FSDP2 the rollout and its old and
+reference scores run on whole weights gathered once per rollout (:mod:`align.trainers.whole_weights`).
 """
 
 from __future__ import annotations
@@ -38,17 +46,19 @@ from accelerate.utils import DistributedType
 from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
-from align.data.formatting import is_conversational
 from align.likelihood import LikelihoodEstimate, draw_masks, score_plan
 from align.rng import make_generator
-from align.sampling import completion_lengths
 from align.trainers.checkpoints import CompleteMarker, StagedCheckpoints
 from align.trainers.grpo_buffer import load_rollouts, repeated_window_sampler, save_rollouts
 from align.trainers.grpo_config import GRPOOptions
 from align.trainers.grpo_loss import policy_loss
-from align.trainers.grpo_math import WINDOW_NORMALIZED, group_advantages
+from align.trainers.grpo_math import RATIO_FREE, WINDOW_NORMALIZED, group_advantages
 from align.trainers.grpo_metrics import rollout_metrics, window_means
+from align.trainers.grpo_rollout import Sampled, completion_loss_mask, sample_and_score
 from align.trainers.guards import install_guard
+from align.trainers.hints import all_wrong_groups, hint_ids, reference_tokens, splice
+from align.trainers.shim import ForwardShim, base_model
+from align.trainers.whole_weights import whole_weights
 
 logger = logging.getLogger(__name__)
 
@@ -66,47 +76,6 @@ class Rollout:
     old: list[LikelihoodEstimate | None]
     ref: list[LikelihoodEstimate | None]
     prompt_len: int
-
-
-class _ForwardShim(torch.nn.Module):
-    """Exposes ``hidden_states``/``head``/``mask_token_id`` while running the body through the wrapped model's
-    ``forward`` (so DDP / DeepSpeed hooks fire)."""
-
-    def __init__(self, wrapped: torch.nn.Module, inner: torch.nn.Module) -> None:
-        super().__init__()
-        self.wrapped, self.inner = wrapped, inner
-
-    @property
-    def mask_token_id(self) -> int:
-        return int(self.inner.mask_token_id)
-
-    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.wrapped(input_ids=input_ids, attention_mask=attention_mask, return_hidden=True).hidden_states[0]
-
-    def head(self, h: torch.Tensor) -> torch.Tensor:
-        return self.inner.head(h)
-
-
-def completion_loss_mask(lengths: torch.Tensor, L: int, *, eos_fill_in_loss: bool = True,
-                         mask_truncated: bool = False) -> torch.Tensor:
-    """``[N, L]`` completion positions scored by the likelihood, from the tokens before each first stop.
-
-    ``eos_fill_in_loss``: every generated position, the EOS fill after the first stop included; otherwise the
-    positions up to and including the first stop. ``mask_truncated``: rows with no stop (``length == L``) count
-    nowhere.
-    """
-    if eos_fill_in_loss:
-        mask = torch.ones(len(lengths), L, dtype=torch.bool, device=lengths.device)
-    else:
-        mask = torch.arange(L, device=lengths.device)[None] < (lengths + 1).clamp(max=L)[:, None]
-    if mask_truncated:
-        mask &= (lengths < L)[:, None]
-    return mask
-
-
-def _base(model: torch.nn.Module) -> torch.nn.Module:
-    """The plain denoiser under PEFT wrappers (its hidden_states runs the LoRA layers)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 class DiffusionGRPOTrainer(StagedCheckpoints, Trainer):
@@ -143,6 +112,9 @@ class DiffusionGRPOTrainer(StagedCheckpoints, Trainer):
                     prompts_per_step * options.num_generations, self.args.gradient_accumulation_steps,
                     self.args.world_size)
         self.reward_runner = reward_runner
+        if options.hint_column is not None and options.hint_reward not in (None, *reward_runner.names):
+            raise ValueError(f"grpo.hint_reward {options.hint_reward!r} is not one of the stage's rewards "
+                             f"{list(reward_runner.names)}")
         self.stop_ids = list(stop_ids)
         self.rl_seed = int(seed)
         self._buffer: dict[int, Rollout] = {}
@@ -155,7 +127,7 @@ class DiffusionGRPOTrainer(StagedCheckpoints, Trainer):
         self._guard_cfg = options.loop_guard_config()
         self.ref_model = None
         if options.beta > 0 and not hasattr(self.model, "disable_adapter"):
-            self.ref_model = copy.deepcopy(_base(self.model)).eval().requires_grad_(False)
+            self.ref_model = copy.deepcopy(base_model(self.model)).eval().requires_grad_(False)
         self.guard = install_guard(self, options.max_nonfinite_steps)
         self.add_callback(CompleteMarker())
 
@@ -217,73 +189,91 @@ class DiffusionGRPOTrainer(StagedCheckpoints, Trainer):
         if self.ref_model is not None:
             return score_plan(self.ref_model, plan)
         with policy.disable_adapter():  # LoRA: the reference is the base model
-            return score_plan(_base(policy), plan)
+            return score_plan(base_model(policy), plan)
 
     @torch.no_grad()
     def _rollout(self, inputs: dict[str, Any], cycle: int, micro: int) -> Rollout:
-        from align.sampling import generate
-
         o, G = self.options, self.options.num_generations
         t0 = time.perf_counter()
         policy = self._policy()
         was_training = policy.training
         policy.eval()
-        rank = self.args.process_index
+        g = micro * self.args.world_size + self.args.process_index     # place in the global batch
         ids = inputs["prompt_ids"].repeat_interleave(G, 0)
         att = inputs["prompt_mask"].repeat_interleave(G, 0)
-        gen = make_generator(self.rl_seed, cycle, micro, rank, 0)
-        guard = self._guard_cfg.build(self.stop_ids)
-        out = generate(_base(policy), ids, attention_mask=att, **o.generate_kwargs(), generator=gen,
-                       on_commit=guard)
-        if guard is not None:
-            self._metrics["rollout/loop_guard_rows"].append(guard.stats["rows"] / len(ids))
-        P, L = ids.shape[1], o.gen_length
-        comp = out.sequences[:, P:]
-        lengths = completion_lengths(comp, self.stop_ids)[0]            # tokens before the first stop
-        has_stop = lengths < L
-        comp_mask = completion_loss_mask(lengths, L, eos_fill_in_loss=o.eos_fill_in_loss,
-                                         mask_truncated=o.mask_truncated_completions)
-        tok = self.processing_class
-        texts = [tok.decode(comp[i, : lengths[i]].tolist(), skip_special_tokens=True) for i in range(len(comp))]
         rows = inputs["rows"]
-        prompts = [r["prompt"] for r in rows for _ in range(G)]
-        columns = {k: [r[k] for r in rows for _ in range(G)] for k in rows[0] if k != "prompt"}
-        comp_ids = [comp[i, : int(lengths[i]) + int(has_stop[i])].tolist() for i in range(len(comp))]
-        # TRL's forms: conversational prompts get [{"role": "assistant", "content": text}], string prompts text
-        completions = [[{"role": "assistant", "content": t}] for t in texts] if is_conversational(prompts[0]) \
-            else texts
-        scored = self.reward_runner(prompts, completions, comp_ids, **columns)
-        per_fn, total = scored.per_function, scored.total
-        A = group_advantages(total.float(), G, scale_rewards=o.scale_rewards, baseline=o.baseline).to(comp.device)
-        if o.negative_advantage_scale != 1.0:
-            A = torch.where(A < 0, A * o.negative_advantage_scale, A)
-        input_ids = out.sequences
-        attention = torch.cat([att, torch.ones_like(comp)], 1)
-        response = torch.cat([torch.zeros_like(att, dtype=torch.bool), comp_mask], 1)
-        mu, trajectory = o.num_iterations, {}
-        if o.estimator == "trace":   # when each position was decoded; the prompt is never masked
-            trajectory["commit_step"] = torch.cat([torch.full_like(att, -1, dtype=torch.long), out.commit_step], 1)
-        # one plan per inner iteration; the trace plan is a function of the trajectory, so one serves all
-        n_plans = 1 if o.estimator == "trace" else mu
-        drawn = [draw_masks(input_ids, response, estimator=o.estimator, attention_mask=attention,
-                            generator=make_generator(self.rl_seed, cycle, micro, rank, 1 + k), **trajectory,
-                            **o.estimator_args).to(input_ids.device) for k in range(n_plans)]
-        if o.beta == 0:
-            # A_i = 0 contributes nothing to the loss without a KL term: score only the completions with a
-            # non-zero advantage (the others cost no forward pass); aggregation still counts every completion
-            drawn = [p.restricted_to(A != 0) for p in drawn]
-        old_by = {j: score_plan(_base(policy), drawn[j]) for j in sorted({k % n_plans for k in range(1, mu)})}
-        ref_by = [self._ref_scores(p) for p in drawn]
+        with whole_weights(self.model_wrapped, self.model):   # ZeRO-3 / FSDP2: one gather per rollout
+            guard = self._guard_cfg.build(self.stop_ids)
+            sampled = self._sample(policy, ids, att, rows, make_generator(self.rl_seed, cycle, g, 0, 0), guard)
+            if guard is not None:
+                self._metrics["rollout/loop_guard_rows"].append(guard.stats["rows"] / len(ids))
+            if o.hint_column is not None:
+                sampled = self._hint(policy, sampled, ids, att, rows, make_generator(self.rl_seed, cycle, g, 0, -1))
+            P, L = ids.shape[1], o.gen_length
+            lengths, texts, per_fn, total = sampled.lengths, sampled.texts, sampled.per_function, sampled.total
+            has_stop = lengths < L
+            comp_mask = completion_loss_mask(lengths, L, eos_fill_in_loss=o.eos_fill_in_loss,
+                                             mask_truncated=o.mask_truncated_completions) & ~sampled.given
+            A = group_advantages(total.float(), G, scale_rewards=o.scale_rewards, baseline=o.baseline).to(ids.device)
+            if o.negative_advantage_scale != 1.0:
+                A = torch.where(A < 0, A * o.negative_advantage_scale, A)
+            input_ids = sampled.sequences
+            attention = torch.cat([att, torch.ones_like(comp_mask, dtype=att.dtype)], 1)
+            response = torch.cat([torch.zeros_like(att, dtype=torch.bool), comp_mask], 1)
+            mu, trajectory = o.num_iterations, {}
+            if o.estimator == "trace":   # when each position was decoded; the prompt is never masked
+                trajectory["commit_step"] = torch.cat([torch.full_like(att, -1, dtype=torch.long), sampled.commit_step],
+                                                         1)
+            # one plan per inner iteration; the trace plan is a function of the trajectory, so one serves all
+            n_plans = 1 if o.estimator == "trace" else mu
+            drawn = [draw_masks(input_ids, response, estimator=o.estimator, attention_mask=attention,
+                                generator=make_generator(self.rl_seed, cycle, g, 0, 1 + k), **trajectory,
+                                **o.estimator_args).to(input_ids.device) for k in range(n_plans)]
+            if o.beta == 0:
+                # A_i = 0 contributes nothing to the loss without a KL term: score only the completions with a
+                # non-zero advantage (the others cost no forward pass); aggregation still counts every completion
+                drawn = [p.restricted_to(A != 0) for p in drawn]
+            # ratio-free objectives (spg, wd1) never read the old policy's scores
+            old_iters = set() if o.loss_type in RATIO_FREE else {k % n_plans for k in range(1, mu)}
+            old_by = {j: score_plan(base_model(policy), drawn[j]) for j in sorted(old_iters)}
+            ref_by = [self._ref_scores(p) for p in drawn]
         plans = [drawn[k % n_plans] for k in range(mu)]
-        old = [None] + [old_by[k % n_plans] for k in range(1, mu)]
+        old = [None] + [old_by.get(k % n_plans) for k in range(1, mu)]
         ref = [ref_by[k % n_plans] for k in range(mu)]
         if was_training:
             policy.train()
         dt = time.perf_counter() - t0
         self._time["rollout"] += dt
-        self._time["tokens"] += float(len(comp) * L)
-        self._log_rollout(scored.names, per_fn, total, A, lengths, has_stop, prompts, texts, columns)
+        self._time["tokens"] += float(len(ids) * L)
+        prompts = [r["prompt"] for r in rows for _ in range(G)]
+        columns = {k: [r[k] for r in rows for _ in range(G)] for k in rows[0] if k != "prompt"}
+        self._log_rollout(sampled.names, per_fn, total, A, lengths, has_stop, prompts, texts, columns)
         return Rollout(inputs["prompt_ids"].cpu(), input_ids, attention, comp_mask, A, plans, old, ref, P)
+
+    def _sample(self, policy: torch.nn.Module, ids: torch.Tensor, att: torch.Tensor, rows: list[dict[str, Any]],
+                gen: torch.Generator, guard: Any = None, fixed: torch.Tensor | None = None) -> Sampled:
+        return sample_and_score(base_model(policy), ids, att, rows, self.options.num_generations,
+                                generate_kwargs=self.options.generate_kwargs(), stop_ids=self.stop_ids,
+                                tokenizer=self.processing_class, reward_runner=self.reward_runner, generator=gen,
+                                on_commit=guard, fixed=fixed)
+
+    def _hint(self, policy: torch.nn.Module, s: Sampled, ids: torch.Tensor, att: torch.Tensor,
+              rows: list[dict[str, Any]], gen: torch.Generator) -> Sampled:
+        """IGPO-style hints (:mod:`align.trainers.hints`) for the groups whose completions are all wrong."""
+        o, G = self.options, self.options.num_generations
+        reward = o.hint_reward or s.names[0]
+        groups = all_wrong_groups(s, reward, G).nonzero().flatten()
+        self._metrics["hints/all_wrong_groups"].append(len(groups) / (len(ids) // G))
+        if len(groups) == 0:
+            return s
+        picked = [rows[b] for b in groups.tolist()]
+        refs = reference_tokens(picked, o.hint_column, self.processing_class)
+        fixed = hint_ids(refs, o.gen_length, int(base_model(policy).mask_token_id), tuple(o.hint_ratio), gen)
+        take = (groups[:, None] * G + torch.arange(G)).flatten().to(ids.device)
+        hinted = self._sample(policy, ids[take], att[take], picked, gen, fixed=fixed.repeat_interleave(G, 0))
+        s, replaced = splice(s, hinted, groups, reward, G, o.hint_replace)
+        self._metrics["hints/replaced_completions"].append(replaced / len(ids))
+        return s
 
     def _log_rollout(self, names: tuple[str, ...], per_fn: torch.Tensor, total: torch.Tensor, A: torch.Tensor,
                      lengths: torch.Tensor, has_stop: torch.Tensor, prompts: list[Any], texts: list[str],
@@ -304,7 +294,7 @@ class DiffusionGRPOTrainer(StagedCheckpoints, Trainer):
 
     # ------------------------------------------------------------------------------------------ loss
     def _policy_loss(self, model: torch.nn.Module, ro: Rollout, k: int) -> torch.Tensor:
-        scorer = _ForwardShim(model, _base(self._policy())) if _base(self._policy()) is not model else model
+        scorer = ForwardShim(model, base_model(self._policy())) if base_model(self._policy()) is not model else model
         window = self._window_tokens if self.options.loss_type in WINDOW_NORMALIZED else None
         loss, metrics = policy_loss(self.options, scorer, ro, k, window_tokens=window, guard=self.guard)
         for key, v in metrics.items():
@@ -359,18 +349,36 @@ class DiffusionGRPOTrainer(StagedCheckpoints, Trainer):
 
     # ------------------------------------------------------------------------------------------ logging
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Add the averaged GRPO metrics (and write sampled completions) at each logging step."""
+        """Add the GRPO metrics, averaged over the logging window and every rank's micro-batches (and write every
+        rank's sampled completions) at each logging step. Called on every rank."""
         if "loss" in logs:
-            logs.update(self.guard.log_fields())
-            logs.update(window_means(self._metrics))
+            window = dict(self._metrics)
             if self._time["total"] > 0:
-                logs["rollout/time_share"] = self._time["rollout"] / self._time["total"]
+                window["rollout/time_share"] = [self._time["rollout"] / self._time["total"]]
             if self._time["rollout"] > 0:
-                logs["rollout/tokens_per_second"] = self._time["tokens"] / self._time["rollout"]
+                window["rollout/tokens_per_second"] = [self._time["tokens"] / self._time["rollout"]]
+            gathered = self._gather_ranks((window, self._samples))
+            merged: dict[str, list[float]] = defaultdict(list)
+            for rank_window, _ in gathered:
+                for key, vals in rank_window.items():
+                    merged[key].extend(vals)
+            logs.update(self.guard.log_fields())
+            logs.update(window_means(merged))
+            self._samples = [s for _, samples in gathered for s in samples]
             self._metrics.clear()
             self._time = {"rollout": 0.0, "total": 0.0, "tokens": 0.0}
             self._write_samples()
         super().log(logs, start_time)
+
+    def _gather_ranks(self, obj: Any) -> list[Any]:
+        """``obj`` of every rank, in rank order (``[obj]`` with one process)."""
+        if self.args.world_size == 1:
+            return [obj]
+        import torch.distributed as dist
+
+        out: list[Any] = [None] * self.args.world_size
+        dist.all_gather_object(out, obj)
+        return out
 
     def _write_samples(self) -> None:
         if not self._samples or not self.is_world_process_zero():

@@ -38,9 +38,9 @@ from align.likelihood import LikelihoodEstimate, MaskPlan, draw_elbo_masks, scor
 from align.rng import make_generator
 from align.stats import mcnemar_exact
 from align.trainers.checkpoints import CompleteMarker, StagedCheckpoints
-from align.trainers.grpo import _base, _ForwardShim
 from align.trainers.grpo_metrics import window_means
 from align.trainers.guards import install_guard
+from align.trainers.shim import ForwardShim, base_model
 from align.trainers.vrpo_config import VRPOOptions
 from align.trainers.vrpo_math import combined_loss, score_variance, stack_plans
 
@@ -77,7 +77,7 @@ class DiffusionVRPOTrainer(StagedCheckpoints, Trainer):
         self.loss_is_scaled_for_ga = False           # compute_loss returns a per-micro-batch mean
         self.ref_model = None
         if options.reference == "model" and not hasattr(self.model, "disable_adapter"):
-            self.ref_model = copy.deepcopy(_base(self.model)).eval().requires_grad_(False)
+            self.ref_model = copy.deepcopy(base_model(self.model)).eval().requires_grad_(False)
         self._ref_rows: torch.Tensor | None = None   # [N, 2, n] precomputed reference rows per pair
         self._eval_ref: torch.Tensor | None = None   # [M, 2] reference estimates of the held-out pairs
         self._metrics: dict[str, list[float]] = defaultdict(list)
@@ -110,10 +110,10 @@ class DiffusionVRPOTrainer(StagedCheckpoints, Trainer):
         policy = self._policy()
         if hasattr(policy, "disable_adapter"):
             with policy.disable_adapter():
-                return score_plan(_base(policy), plan)
+                return score_plan(base_model(policy), plan)
         if self.state.global_step > 0:
             raise RuntimeError("the policy itself can be the reference only before training starts")
-        return score_plan(_base(policy), plan)
+        return score_plan(base_model(policy), plan)
 
     def _loader(self, dataset: Any) -> torch.utils.data.DataLoader:
         return torch.utils.data.DataLoader(dataset.select_columns(list(PAIR_COLUMNS)), shuffle=False,
@@ -155,8 +155,8 @@ class DiffusionVRPOTrainer(StagedCheckpoints, Trainer):
             self.precompute_reference()
         draw = FIXED_DRAW if o.reference == "precomputed" else self.state.global_step
         plan = self.pair_plan(inputs, draw, 0, o.num_samples)
-        base = _base(self._policy())
-        scorer = _ForwardShim(model, base) if base is not model else model
+        base = base_model(self._policy())
+        scorer = ForwardShim(model, base) if base is not model else model
         cur = score_plan(scorer, plan)
         cur_rows = cur.row_logp.view(-1, 2, o.num_samples)
         ref_rows = self._reference_rows(inputs, plan, draw)
@@ -209,7 +209,7 @@ class DiffusionVRPOTrainer(StagedCheckpoints, Trainer):
         for batch in self._loader(self.held_out):
             batch = self._prepare_inputs(batch)
             plan = self.pair_plan(batch, EVAL_DRAW, 0, n)
-            cur.append(score_plan(_base(policy), plan).seq_logp.view(-1, 2).double().cpu())
+            cur.append(score_plan(base_model(policy), plan).seq_logp.view(-1, 2).double().cpu())
             if self._eval_ref is None:
                 ref.append(self._score_reference(plan).seq_logp.view(-1, 2).double().cpu())
         if was_training:
