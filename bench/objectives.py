@@ -1,0 +1,188 @@
+"""One protocol for comparing policy objectives, estimators and rollout modes (docs/benchmarks.md, "Objectives").
+
+Every variant starts from the same SFT checkpoint and runs the same GRPO stage of a recipe (the same prompts
+per step, rewards, sampler settings, steps, learning rate and held-out evaluation); only the keys of the
+variant change. Each (variant, seed) is one ``dlm-align run`` with ``stages: [grpo]`` and ``eval.base: true``,
+so its report holds the SFT model's and the GRPO model's results on the same held-out problems and the paired
+McNemar test between them. The seed changes the rollouts, the masks and the order of the prompts.
+
+    python bench/objectives.py --data loops --seeds 0 1 2                  # the quickstart (loop-prone SFT data)
+    python bench/objectives.py --data clean --variants grpo/coupled,spg/block
+    python bench/objectives.py --sft runs/quickstart/sft/final ...        # reuse an SFT checkpoint
+    python bench/objectives.py --list                                     # the variants and their keys
+
+Without ``--sft`` the SFT stage of the data setting's recipe runs once (``<out>/<data>/sft``). The table (mean
+and spread over seeds of the held-out gain in points, the paired p-values, the loop rate after GRPO, seconds per
+GRPO step and the rollouts' share of it) is printed and written to ``bench/results/objectives-<data>.md``; every run's
+figures to ``bench/results/objectives-<data>.json`` (the runs themselves stay under ``--out``). A run already
+finished in ``<out>`` is read back, not run again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPES = {"loops": ROOT / "recipes" / "quickstart.yaml", "clean": ROOT / "recipes" / "quickstart-clean.yaml"}
+OUT = ROOT / "runs" / "bench-objectives"
+RESULTS = ROOT / "bench" / "results"
+
+#: name -> recipe overrides. The estimator and its arguments are always given, so no variant inherits the recipe's.
+#: spg, wd1 and espo use their papers' advantage (no division by the group's std).
+VARIANTS: dict[str, list[str]] = {
+    "grpo/trace": ["grpo.loss_type=grpo", "grpo.estimator=trace", "grpo.estimator_args={num_views: 4}"],
+    "grpo/one_step": ["grpo.loss_type=grpo", "grpo.estimator=one_step", "grpo.estimator_args={}"],
+    "grpo/coupled": ["grpo.loss_type=grpo", "grpo.estimator=coupled", "grpo.estimator_args={}"],
+    "grpo/elbo": ["grpo.loss_type=grpo", "grpo.estimator=elbo", "grpo.estimator_args={num_samples: 2}"],
+    "spg/block": ["grpo.loss_type=spg", "grpo.estimator=block", "grpo.estimator_args={num_samples: 2}",
+                  "grpo.scale_rewards=none"],
+    "wd1/one_step": ["grpo.loss_type=wd1", "grpo.estimator=one_step", "grpo.estimator_args={}",
+                     "grpo.scale_rewards=none"],
+    "espo/elbo": ["grpo.loss_type=espo", "grpo.estimator=elbo", "grpo.estimator_args={num_samples: 2}",
+                  "grpo.scale_rewards=none"],
+    # rollout modes during RL, with the quickstart's objective
+    "grpo/trace exact": ["grpo.loss_type=grpo", "grpo.estimator=trace", "grpo.estimator_args={num_views: 4}",
+                         "grpo.cache=none"],
+    "grpo/trace threshold0.9+prefix": ["grpo.loss_type=grpo", "grpo.estimator=trace",
+                                       "grpo.estimator_args={num_views: 4}", "grpo.cache=prefix",
+                                       "grpo.threshold=0.9"],
+}
+
+
+def _slug(name: str) -> str:
+    return name.replace("/", "-").replace(" ", "_").replace("+", "-")
+
+
+def _cli(args: list[str], log: Path) -> None:
+    """``dlm-align`` in a subprocess, its output to ``log``; raises with the log's tail when it fails."""
+    env = {**os.environ, "WANDB_MODE": "offline", "TOKENIZERS_PARALLELISM": "false"}
+    with open(log, "w") as f:
+        proc = subprocess.run([sys.executable, "-m", "align.cli", *args], stdout=f, stderr=subprocess.STDOUT,
+                              env=env, cwd=ROOT)
+    if proc.returncode != 0:
+        tail = log.read_text()[-3000:]
+        raise RuntimeError(f"dlm-align {' '.join(args[:3])} ... failed (exit {proc.returncode}); log {log}:\n{tail}")
+
+
+def sft_checkpoint(recipe: Path, out: Path, extra: list[str]) -> Path:
+    """The recipe's SFT stage, run once under ``out/sft`` (its ``final`` is reused when present)."""
+    final = out / "sft" / "sft" / "final"
+    if not (final / "config.json").is_file():
+        out.mkdir(parents=True, exist_ok=True)
+        _cli(["run", str(recipe), "stages=[sft]", "eval.enabled=false", f"output_dir={out / 'sft'}", *extra],
+             out / "sft.log")
+    return final
+
+
+def _mean_key(history: list[dict], key: str) -> float | None:
+    vals = [h[key] for h in history if key in h]
+    return sum(vals) / len(vals) if vals else None
+
+
+def run_variant(recipe: Path, sft: Path, out: Path, name: str, seed: int, extra: list[str]) -> dict:
+    """One (variant, seed): GRPO from ``sft``, evaluated before and after; its figures."""
+    run = out / _slug(name) / f"seed{seed}"
+    report_path = run / "report.json"
+    if not (report_path.is_file() and "grpo" in json.loads(report_path.read_text()).get("stages", {})):
+        run.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        _cli(["run", str(recipe), "stages=[grpo]", f"model.path={sft}", f"seed={seed}", f"output_dir={run}",
+              "eval.base=true", *VARIANTS[name], *extra], run.parent / f"seed{seed}.log")
+        wall = time.perf_counter() - t0
+    else:
+        wall = None
+    report = json.loads(report_path.read_text())
+    recipe_used = report["recipe"]
+    before, after = report["stages"]["base"], report["stages"]["grpo"]
+    test = report["comparisons"]["grpo_vs_base"]          # paired McNemar test on the same held-out problems
+    history = json.loads((run / "grpo" / "log_history.json").read_text())
+    steps = int(recipe_used["grpo"]["max_steps"])
+    return {
+        "variant": name, "seed": seed, "overrides": VARIANTS[name] + extra,
+        "sft_accuracy": before["accuracy"], "grpo_accuracy": after["accuracy"],
+        "gain_points": 100 * (after["accuracy"] - before["accuracy"]), "p_value": test["p_value"],
+        "sft_loop_rate": before.get("loop_rate"), "loop_rate": after.get("loop_rate"),
+        "seconds_per_step": report["seconds"]["grpo"] / steps,
+        "rollout_share": _mean_key(history, "rollout/time_share"),
+        "wall_seconds": wall, "load_average": os.getloadavg()[0],
+    }
+
+
+def table(rows: list[dict]) -> str:
+    """Markdown table: one line per variant, mean and spread over its seeds."""
+    lines = ["| variant | seeds | held-out gain, points (mean ± sd) | per seed | p (paired) | loop rate after | "
+             "s / GRPO step | rollout share |", "| --- | ---: | ---: | --- | --- | ---: | ---: | ---: |"]
+    for name in dict.fromkeys(r["variant"] for r in rows):
+        rs = [r for r in rows if r["variant"] == name]
+        gains = [r["gain_points"] for r in rs]
+        sd = statistics.stdev(gains) if len(gains) > 1 else 0.0
+        share = [r["rollout_share"] for r in rs if r["rollout_share"] is not None]
+        per_seed = ", ".join(f"{g:+.1f}" for g in gains)
+        p_values = ", ".join(f"{r['p_value']:.2g}" for r in rs)
+        lines.append(
+            f"| {name} | {len(rs)} | {statistics.mean(gains):+.1f} ± {sd:.1f} | {per_seed} | {p_values} | "
+            f"{100 * statistics.mean(r['loop_rate'] for r in rs):.1f}% | "
+            f"{statistics.mean(r['seconds_per_step'] for r in rs):.2f} | "
+            f"{(100 * statistics.mean(share)) if share else float('nan'):.0f}% |")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", choices=tuple(RECIPES), default="loops",
+                   help="loops: the quickstart (30%% of SFT solutions loop); clean: quickstart-clean")
+    p.add_argument("--recipe", type=Path, default=None, help="another recipe instead of the data setting's")
+    p.add_argument("--sft", type=Path, default=None, help="the SFT checkpoint every variant starts from (default: "
+                   "run the recipe's SFT stage once)")
+    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names (--list shows them)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--out", type=Path, default=OUT, help=f"folder of the runs (default {OUT.relative_to(ROOT)})")
+    p.add_argument("--results", type=Path, default=RESULTS, help="folder of the table and the JSON (default "
+                   f"{RESULTS.relative_to(ROOT)})")
+    p.add_argument("--list", action="store_true", help="print the variants and their keys, and exit")
+    p.add_argument("overrides", nargs="*", help="recipe keys for every run (key=value), e.g. grpo.max_steps=40")
+    args = p.parse_args(argv)
+    unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
+    if unknown:
+        p.error(f"unknown variant(s) {unknown}; known: {', '.join(VARIANTS)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.list:
+        for name, keys in VARIANTS.items():
+            print(f"{name:32s} {' '.join(keys)}")
+        return 0
+    recipe = args.recipe or RECIPES[args.data]
+    out = args.out / (args.recipe.stem if args.recipe else args.data)
+    sft = args.sft or sft_checkpoint(recipe, out, args.overrides)
+    rows = []
+    names = args.variants.split(",")
+    for i, name in enumerate(names):
+        for seed in args.seeds:
+            print(f"[{i + 1}/{len(names)}] {name} seed {seed} ...", flush=True)
+            rows.append(run_variant(recipe, sft, out, name, seed, args.overrides))
+            r = rows[-1]
+            print(f"    gain {r['gain_points']:+.1f} points (p = {r['p_value']:.2g}), loop rate {r['loop_rate']:.3f}, "
+                  f"{r['seconds_per_step']:.2f} s/step", flush=True)
+    text = table(rows)
+    print(text)
+    name = f"objectives-{args.recipe.stem if args.recipe else args.data}"
+    args.results.mkdir(parents=True, exist_ok=True)
+    (args.results / f"{name}.md").write_text(text + "\n")
+    (args.results / f"{name}.json").write_text(json.dumps({"recipe": str(recipe), "sft": str(sft),
+                                                           "overrides": args.overrides, "rows": rows}, indent=2) + "\n")
+    print(f"results: {args.results / (name + '.json')}; table: {args.results / (name + '.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
