@@ -38,6 +38,8 @@ RESULTS = ROOT / "bench" / "results"
 #: spg, wd1 and espo use their papers' advantage (no division by the group's std).
 VARIANTS: dict[str, list[str]] = {
     "grpo/trace": ["grpo.loss_type=grpo", "grpo.estimator=trace", "grpo.estimator_args={num_views: 4}"],
+    "grpo/trace+hints": ["grpo.loss_type=grpo", "grpo.estimator=trace", "grpo.estimator_args={num_views: 4}",
+                         "grpo.hint_column=completion", "grpo.hint_reward=task_accuracy"],
     "grpo/one_step": ["grpo.loss_type=grpo", "grpo.estimator=one_step", "grpo.estimator_args={}"],
     "grpo/coupled": ["grpo.loss_type=grpo", "grpo.estimator=coupled", "grpo.estimator_args={}"],
     "grpo/elbo": ["grpo.loss_type=grpo", "grpo.estimator=elbo", "grpo.estimator_args={num_samples: 2}"],
