@@ -29,6 +29,10 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
+from align.config import STAGES
+
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = {"loops": ROOT / "recipes" / "quickstart.yaml", "clean": ROOT / "recipes" / "quickstart-clean.yaml"}
 OUT = ROOT / "runs" / "bench-objectives"
@@ -73,12 +77,29 @@ def _cli(args: list[str], log: Path) -> None:
         raise RuntimeError(f"dlm-align {' '.join(args[:3])} ... failed (exit {proc.returncode}); log {log}:\n{tail}")
 
 
+def one_stage(recipe: Path, stage: str, out: Path, model: Path | None = None) -> Path:
+    """A copy of ``recipe`` (under ``out``) that runs ``stage`` alone: the other stages' sections are left out, and
+    with ``model`` the stage starts from that checkpoint (its tokenizer too, unless the recipe names one)."""
+    raw = yaml.safe_load(recipe.read_text())
+    for other in STAGES:
+        if other != stage:
+            raw.pop(other, None)
+    raw["stages"] = [stage]
+    if model is not None:
+        raw["model"].pop("init_config", None)
+        raw["model"]["path"] = str(model)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{recipe.stem}-{stage}.yaml"
+    path.write_text(f"# dlm-align run {recipe.name}, stage {stage} alone (bench/objectives.py)\n"
+                    + yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
 def sft_checkpoint(recipe: Path, out: Path, extra: list[str]) -> Path:
     """The recipe's SFT stage, run once under ``out/sft`` (its ``final`` is reused when present)."""
     final = out / "sft" / "sft" / "final"
     if not (final / "config.json").is_file():
-        out.mkdir(parents=True, exist_ok=True)
-        _cli(["run", str(recipe), "stages=[sft]", "eval.enabled=false", f"output_dir={out / 'sft'}", *extra],
+        _cli(["run", str(one_stage(recipe, "sft", out)), "eval.enabled=false", f"output_dir={out / 'sft'}", *extra],
              out / "sft.log")
     return final
 
@@ -95,7 +116,7 @@ def run_variant(recipe: Path, sft: Path, out: Path, name: str, seed: int, extra:
     if not (report_path.is_file() and "grpo" in json.loads(report_path.read_text()).get("stages", {})):
         run.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
-        _cli(["run", str(recipe), "stages=[grpo]", f"model.path={sft}", f"seed={seed}", f"output_dir={run}",
+        _cli(["run", str(one_stage(recipe, "grpo", out, sft)), f"seed={seed}", f"output_dir={run}",
               "eval.base=true", *VARIANTS[name], *extra], run.parent / f"seed{seed}.log")
         wall = time.perf_counter() - t0
     else:
