@@ -55,7 +55,7 @@ VARIANTS: dict[str, list[str]] = {
                   "grpo.scale_rewards=none"],
     # rollout modes during RL, with the quickstart's objective
     "grpo/trace exact": ["grpo.loss_type=grpo", "grpo.estimator=trace", "grpo.estimator_args={num_views: 4}",
-                         "grpo.cache=none"],
+                         "grpo.cache=null"],
     "grpo/trace threshold0.9+prefix": ["grpo.loss_type=grpo", "grpo.estimator=trace",
                                        "grpo.estimator_args={num_views: 4}", "grpo.cache=prefix",
                                        "grpo.threshold=0.9"],
