@@ -118,9 +118,9 @@ def run_variant(recipe: Path, sft: Path, out: Path, name: str, seed: int, extra:
         t0 = time.perf_counter()
         _cli(["run", str(one_stage(recipe, "grpo", out, sft)), f"seed={seed}", f"output_dir={run}",
               "eval.base=true", *VARIANTS[name], *extra], run.parent / f"seed{seed}.log")
-        wall = time.perf_counter() - t0
+        wall, load = time.perf_counter() - t0, os.getloadavg()[0]
     else:
-        wall = None
+        wall = load = None                            # read back: the time and load of that run are not known here
     report = json.loads(report_path.read_text())
     recipe_used = report["recipe"]
     before, after = report["stages"]["base"], report["stages"]["grpo"]
@@ -134,7 +134,7 @@ def run_variant(recipe: Path, sft: Path, out: Path, name: str, seed: int, extra:
         "sft_loop_rate": before.get("loop_rate"), "loop_rate": after.get("loop_rate"),
         "seconds_per_step": report["seconds"]["grpo"] / steps,
         "rollout_share": _mean_key(history, "rollout/time_share"),
-        "wall_seconds": wall, "load_average": os.getloadavg()[0],
+        "wall_seconds": wall, "load_average_after": load,
     }
 
 
