@@ -16,11 +16,8 @@ decodes. :func:`wilson_interval` gives the 95% interval of an accuracy.
 
 from __future__ import annotations
 
-import ast
-import json
 import logging
 import math
-import operator
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -32,6 +29,7 @@ from tqdm.auto import tqdm
 from align.config import EvalConfig
 from align.data.collator import left_pad
 from align.data.formatting import ColumnNames, add_system_prompt, encode_prompt
+from align.rewards.countdown import CountdownChecker
 
 logger = logging.getLogger(__name__)
 
@@ -268,47 +266,6 @@ class MathVerifyChecker:
         except Exception:  # malformed LaTeX is a wrong answer, not a crash
             return None, False
         return (str(p[-1]) if p else None), ok
-
-
-_COUNTDOWN_OPS: dict[type, Callable[[Any, Any], Any]] = {
-    ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
-
-
-def _countdown_value(node: ast.AST, used: list[int]) -> Any:
-    from fractions import Fraction
-
-    if isinstance(node, ast.Expression):
-        return _countdown_value(node.body, used)
-    if isinstance(node, ast.Constant) and isinstance(node.value, int) and not isinstance(node.value, bool):
-        used.append(node.value)
-        return Fraction(node.value)
-    if isinstance(node, ast.BinOp) and type(node.op) in _COUNTDOWN_OPS:
-        return _COUNTDOWN_OPS[type(node.op)](_countdown_value(node.left, used), _countdown_value(node.right, used))
-    raise ValueError("not an arithmetic expression of integers with + - * /")
-
-
-class CountdownChecker:
-    """Countdown: the reference is ``{"numbers": [...], "target": T}`` (JSON text); the completion's final
-    expression (``\\boxed{}``, ``<answer>`` or "The answer is", without an ``= T`` tail) must use every number
-    exactly once, only ``+ - * /`` and parentheses, and equal T exactly (fractions, no rounding)."""
-
-    name = "countdown"
-
-    def __call__(self, text: str, reference: str) -> tuple[str | None, bool]:
-        from align.rewards.answers import extract_answer
-
-        ref = json.loads(reference)
-        pred = extract_answer(text, ("boxed", "answer_tag", "phrase"))
-        if pred is None:
-            return None, False
-        expr = pred.split("=")[0].replace("\\times", "*").replace("\\cdot", "*").replace("\\div", "/")
-        expr = expr.replace("×", "*").replace("÷", "/").strip()
-        used: list[int] = []
-        try:
-            value = _countdown_value(ast.parse(expr, mode="eval"), used)
-        except (SyntaxError, ValueError, ZeroDivisionError):
-            return pred, False
-        return pred, sorted(used) == sorted(int(x) for x in ref["numbers"]) and value == int(ref["target"])
 
 
 class RewardChecker:

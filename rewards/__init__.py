@@ -11,6 +11,7 @@ from align.loops import LoopCoverage, LoopParams, LoopReport, LoopSpan, detect_l
 
 from .accuracy import AnswerAccuracy, MissingColumnError, math_accuracy, task_accuracy
 from .answers import answers_match, extract_answer, normalize_answer, parse_number
+from .countdown import CountdownAccuracy, CountdownChecker, countdown_accuracy
 from .formats import RegexFormat, answer_phrase_format, answer_tag_format, boxed_format, think_answer_format
 from .length import SoftOverlongPunishment
 from .loop_reward import LoopPenalty, loop_penalty
@@ -41,6 +42,8 @@ from .steps import StepAccuracy, equations
 __all__ = [
     "AnswerAccuracy",
     "BoundReward",
+    "CountdownAccuracy",
+    "CountdownChecker",
     "LoopCoverage",
     "LoopParams",
     "LoopPenalty",
@@ -67,6 +70,7 @@ __all__ = [
     "build_rewards",
     "check_reward_specs",
     "check_runner_settings",
+    "countdown_accuracy",
     "detect_loops",
     "equations",
     "extract_answer",

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .accuracy import AnswerAccuracy, task_accuracy
+from .countdown import CountdownAccuracy
 from .formats import RegexFormat, answer_phrase_format, answer_tag_format, boxed_format, think_answer_format
 from .length import SoftOverlongPunishment
 from .loop_reward import LoopPenalty
@@ -264,6 +265,7 @@ def _register_builtins() -> None:
     )
     register_reward("task_accuracy", task, factory=True)
     register_reward("step_accuracy", StepAccuracy, factory=True)
+    register_reward("countdown", CountdownAccuracy, factory=True)
     register_reward("think_answer_format", think_answer_format)
     register_reward("answer_tag_format", answer_tag_format)
     register_reward("boxed_format", boxed_format)

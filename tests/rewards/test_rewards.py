@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 from fractions import Fraction
 
@@ -10,6 +11,7 @@ import torch
 
 from align.rewards import (
     AnswerAccuracy,
+    CountdownAccuracy,
     LoopPenalty,
     MissingColumnError,
     RegexFormat,
@@ -49,7 +51,10 @@ BUILTINS = {
     "soft_overlong_punishment": SoftOverlongPunishment(16, 4),
     "loop_penalty": loop_penalty,
     "step_accuracy": StepAccuracy("answer"),
+    "countdown": CountdownAccuracy("problem"),   # its problems in a column of their own (the others hold answers)
 }
+#: a Countdown problem, as data.format: countdown writes it (the ``problem`` column of the calls below).
+PROBLEM = json.dumps({"numbers": [1, 4], "target": 5})
 
 
 def test_builtins_cover_the_registry() -> None:
@@ -69,6 +74,7 @@ def test_trl_signature_extra_columns_empty_and_chat(name: str) -> None:
         "answer": ["4", "5", "5"],
         "solution": ["4", "5", "5"],
         "difficulty": [1, 2, 3],
+        "problem": [PROBLEM] * 3,
         "trainer_state": None,
         "log_extra": None,
         "log_metric": None,
@@ -81,7 +87,7 @@ def test_trl_signature_extra_columns_empty_and_chat(name: str) -> None:
         fn(prompts=["q1", "q2", "q3"], completions=[chat(c) for c in completions], completion_ids=ids, **columns) == out
     )
     # an empty batch is fine
-    assert fn(prompts=[], completions=[], completion_ids=[], answer=[], solution=[]) == []
+    assert fn(prompts=[], completions=[], completion_ids=[], answer=[], solution=[], problem=[]) == []
 
 
 @pytest.mark.parametrize("name", sorted(BUILTINS))
@@ -93,6 +99,7 @@ def test_rewards_pickle_and_keep_their_behaviour(name: str) -> None:
         "completions": ["x \\boxed{4} The answer is 4."],
         "completion_ids": [[1, 2]],
         "answer": ["4"],
+        "problem": [PROBLEM],
     }
     assert clone(**kwargs) == fn(**kwargs)
     assert clone.__name__ == fn.__name__
