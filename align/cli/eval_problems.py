@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,17 +17,6 @@ DATA_FORMATS = ("plain", "gsm8k", "math", "countdown")
 #: Column presets of each format: (prompt column, answer column, default checker).
 FORMAT_PRESETS = {"plain": ("prompt", "answer", "math_accuracy"), "gsm8k": ("question", "answer", "math_accuracy"),
                   "math": ("problem", "solution", "math_accuracy"), "countdown": (None, None, "countdown")}
-
-
-#: Columns a Countdown row may hold its numbers / target in (the first present is used).
-COUNTDOWN_NUMBERS = ("input", "nums", "numbers")
-
-
-COUNTDOWN_TARGET = ("output", "target")
-
-
-COUNTDOWN_PROMPT = ("Using the numbers {numbers}, write an arithmetic expression that equals {target}. Use each "
-                    "number exactly once and only +, -, * and /. Give the expression, without '=', in \\boxed{{}}.")
 
 
 class EvalUsageError(ValueError):
@@ -101,38 +89,22 @@ def _shots(rows: Any, n: int, names: Any, source: str) -> list[tuple[str, str]]:
     return [_shot_pair(rows[i], names, f"{source} row {i}") for i in range(n)]
 
 
-def _read_file_rows(path: str, split: str) -> list[dict[str, Any]]:
+def _read_file_rows(path: str, split: str, *, countdown: bool = False) -> list[dict[str, Any]]:
+    """Every row of a local file (a bad line stops, listing all of them); with ``countdown`` the rows are Countdown
+    rows, read as ``prompt`` / ``answer`` rows as a recipe's ``data.format: countdown`` reads them
+    (:func:`align.data.countdown.countdown_rows`)."""
     from align.data.checks import read_rows, settle
     from align.data.formatting import DataFormatError
 
     raw = read_rows([path], split_name=split)
+    if countdown:
+        from align.data.countdown import countdown_rows
+
+        raw = countdown_rows(raw)
     settle(raw.problems, "strict", source=path, total=raw.read)
     if not raw.rows:
         raise DataFormatError(f"{path}: no rows")
     return list(raw.rows)
-
-
-def _countdown_rows(rows: list[dict[str, Any]], source: str) -> list[dict[str, Any]]:
-    """Countdown rows as ``prompt`` / ``answer`` rows (the answer: the numbers and target, as JSON)."""
-    from align.data.formatting import DataFormatError
-
-    out = []
-    for i, row in enumerate(rows):
-        nums_col = next((c for c in COUNTDOWN_NUMBERS if c in row), None)
-        target_col = next((c for c in COUNTDOWN_TARGET if c in row), None)
-        if nums_col is None or target_col is None:
-            raise DataFormatError(f"{source} row {i}: a countdown row needs numbers ({' or '.join(COUNTDOWN_NUMBERS)}) "
-                                  f"and a target ({' or '.join(COUNTDOWN_TARGET)}); columns: {sorted(row)}")
-        raw = row[nums_col]
-        try:
-            numbers = [int(x) for x in (raw.split(",") if isinstance(raw, str) else raw)]
-            target = int(row[target_col])
-        except (TypeError, ValueError) as err:
-            raise DataFormatError(f"{source} row {i}: countdown numbers {raw!r} / target {row[target_col]!r} are not "
-                                  "integers") from err
-        out.append({"prompt": COUNTDOWN_PROMPT.format(numbers=numbers, target=target),
-                    "answer": json.dumps({"numbers": numbers, "target": target})})
-    return out
 
 
 def load_problems(args: argparse.Namespace, cfg: Any, recipe: str | None) -> Problems:
@@ -145,7 +117,7 @@ def load_problems(args: argparse.Namespace, cfg: Any, recipe: str | None) -> Pro
     if shots_n < 0:
         raise EvalUsageError(f"--shots must be >= 0, got {shots_n}")
     if cfg is not None:
-        from align.pipeline.recipe import _eval_rows, _task_splits, check_data
+        from align.pipeline.recipe import _eval_rows, _task_splits, check_data, eval_checker
 
         if cfg.data.task is not None:
             train, test = _task_splits(cfg)
@@ -169,19 +141,19 @@ def load_problems(args: argparse.Namespace, cfg: Any, recipe: str | None) -> Pro
         prompts, answers = _eval_rows(cfg, test)
         names, shot_rows, shot_source = column_names(cfg), train, "train split"
         use_chat = cfg.data.use_chat_template
-        checker = args.checker or "math_accuracy"
+        checker = args.checker or eval_checker(cfg)
     else:
         path = Path(args.data)
         if not path.is_file():
             raise FileNotFoundError(f"--data {args.data}: no such file")
         prompt_col, answer_col, checker = FORMAT_PRESETS[args.format]
-        rows = _read_file_rows(str(path), args.split)
-        total = len(rows)
         if args.format == "countdown":
             if args.prompt_column or args.answer_column:
                 raise EvalUsageError("--format countdown builds prompts from the numbers and target; "
                                      "--prompt-column / --answer-column do not apply")
-            rows, prompt_col, answer_col = _countdown_rows(rows, str(path)), "prompt", "answer"
+            prompt_col, answer_col = "prompt", "answer"
+        rows = _read_file_rows(str(path), args.split, countdown=args.format == "countdown")
+        total = len(rows)
         prompt_col, answer_col = args.prompt_column or prompt_col, args.answer_column or answer_col
         names = ColumnNames(prompt=prompt_col, answer=answer_col)
         prompts, answers = eval_problems(rows, names, args.num_problems, system_prompt=args.system_prompt,

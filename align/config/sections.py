@@ -17,6 +17,7 @@ from typing import Any
 
 from align.config.schema import build_section, split_known, unknown_key
 from align.data.checks import BAD_ROWS
+from align.data.countdown import COUNTDOWN_FORMAT, COUNTDOWN_NUMBERS, COUNTDOWN_TARGET
 from align.data.formatting import FORMATS
 from align.data.loading import BUILTIN_TASKS
 from align.data.task import ArithmeticTaskSpec
@@ -96,7 +97,13 @@ class DataConfig:
             fields of :class:`~align.data.task.ArithmeticTaskSpec`.
         train_files: local jsonl/json/parquet/csv training files (instead of ``task``).
         eval_files: local held-out files with an answer column (used by evaluation).
-        format: ``auto``, ``prompt_completion``, ``messages`` or ``text``.
+        format: ``auto``, ``prompt_completion``, ``messages`` or ``text`` (:mod:`align.data.formatting`), or
+            ``countdown``: the rows of ``train_files`` and ``eval_files`` are Countdown problems, numbers in
+            ``input`` (``"44,19,35"``), ``nums`` or ``numbers`` (a list) and the target in ``output`` or ``target``;
+            each becomes a ``prompt`` (the one ``dlm-align eval --format countdown`` writes) and an ``answer`` (the
+            numbers and target as JSON, read by the ``countdown`` reward), evaluation is scored by the ``countdown``
+            checker, and a row without integer numbers and target is a bad row (:mod:`align.data.countdown`). Only
+            the ``grpo`` stage trains on Countdown rows, and the column names keep their defaults.
         prompt_column, completion_column, messages_column, text_column, answer_column: column names.
         use_chat_template: wrap prompts in the tokenizer's chat template.
         max_length: longest row in tokens (SFT and pre-training: prompt + completion; GRPO: the prompt; VRPO: the
@@ -143,7 +150,9 @@ class DataConfig:
                                                        f"valid: {', '.join(allowed)}")
         elif self.task_args:
             raise FieldError("task_args", "is set but 'task' is null", ("task",))
-        check_choice("format", self.format, FORMATS)
+        check_choice("format", self.format, (*FORMATS, COUNTDOWN_FORMAT))
+        if self.format == COUNTDOWN_FORMAT:
+            self._check_countdown()
         if self.max_length is not None and self.max_length < 2:
             raise FieldError("max_length", f"must be >= 2, got {self.max_length}")
         if self.system_prompt is not None and not self.system_prompt.strip():
@@ -151,6 +160,17 @@ class DataConfig:
         if self.system_prompt is not None and self.format == "text":
             raise FieldError("system_prompt", "cannot apply with 'format' text: plain-text rows have no prompt",
                              ("format",))
+
+    def _check_countdown(self) -> None:
+        """Countdown rows come from files, and their prompt and answer columns are built, not named."""
+        if self.task is not None:
+            raise FieldError("format", f"is 'countdown', which reads Countdown rows from 'train_files' and "
+                                       f"'eval_files'; the built-in task {self.task!r} has its own rows", ("task",))
+        for f in dataclasses.fields(self):
+            if f.name.endswith("_column") and getattr(self, f.name) != f.default:
+                raise FieldError(f.name, "does not apply with 'format' countdown: the prompt and the answer are built "
+                                         f"from the numbers ({', '.join(COUNTDOWN_NUMBERS)}) and the target "
+                                         f"({', '.join(COUNTDOWN_TARGET)}); remove it", ("format",))
 
 
 @dataclass

@@ -107,6 +107,9 @@ def _check_stage(cfg: RecipeConfig, stage: str, ta_names: set[str]) -> None:
                               f"of 'grpo.num_generations' ({opts.num_generations})")
         if cfg.data.task is None and cfg.data.format == "text":
             raise ConfigError("the 'grpo' stage needs prompts: 'data.format' cannot be 'text'")
+    if stage in ("pretrain", "sft") and stage in cfg.stages and cfg.data.format == "countdown":
+        raise ConfigError(f"the '{stage}' stage trains on completions, and Countdown rows ('data.format: countdown') "
+                          "have none (only the numbers and the target); only 'grpo' trains on them")
     if stage == "sft" and opts.random_length_prob:
         raise ConfigError(f"'{stage}.random_length_prob' only applies to the pretrain stage")
     if stage == "vrpo" and stage in cfg.stages:

@@ -33,8 +33,18 @@ import yaml
 from align.build import build_model_and_tokenizer, build_tokenizer
 from align.config import RecipeConfig, config_to_dict
 from align.config.paths import check_paths, missing_paths_error
-from align.data.checks import BadRowsError, counts_by_kind, first_per_row, read_rows, rows_to_dataset, screen, settle
+from align.data.checks import (
+    BadRowsError,
+    RawRows,
+    counts_by_kind,
+    first_per_row,
+    read_rows,
+    rows_to_dataset,
+    screen,
+    settle,
+)
 from align.data.checks import report as bad_rows_report
+from align.data.countdown import COUNTDOWN_FORMAT, countdown_rows
 from align.data.formatting import DataFormatError
 from align.data.loading import (
     check_rl_columns,
@@ -45,7 +55,7 @@ from align.data.loading import (
     tokenize_prompts,
 )
 from align.data.preference import is_pair_problem
-from align.evaluate import EvalResult, eval_problem, eval_problems, evaluate_sharded
+from align.evaluate import EvalResult, build_checker, eval_problem, eval_problems, evaluate_sharded
 from align.pipeline.report import (
     compare_stages,
     load_report,
@@ -150,6 +160,14 @@ def _prompt_length(stage: str, value: Any) -> int:
     return len(value[1] if stage == "grpo" else value[0])
 
 
+def _read(cfg: RecipeConfig, files: list[str], split: str) -> RawRows:
+    """The rows of local files; Countdown rows (``data.format: countdown``) as the ``prompt`` / ``answer`` rows
+    built from them (:func:`align.data.countdown.countdown_rows`; a row that is not a Countdown problem is a bad
+    row)."""
+    raw = read_rows(files, split_name=split)
+    return countdown_rows(raw) if cfg.data.format == COUNTDOWN_FORMAT else raw
+
+
 def _checked_splits(cfg: RecipeConfig, tokenizer: Any | None
                     ) -> tuple[Any, Any | None, dict[str, DataStats]]:
     """``(train, held_out, stats per stage)`` after every row is checked (see :func:`check_data`)."""
@@ -160,7 +178,7 @@ def _checked_splits(cfg: RecipeConfig, tokenizer: Any | None
     names = column_names(cfg)
     max_length = d.max_length if tokenizer is not None else None
     files = d.train_files or []
-    raw = read_rows(files, split_name="train")
+    raw = _read(cfg, files, "train")
     columns = list(dict.fromkeys(k for r in raw.rows for k in r))
     problems, dropped_pairs = list(raw.problems), []
     found = {}
@@ -175,7 +193,7 @@ def _checked_splits(cfg: RecipeConfig, tokenizer: Any | None
     problems = first_per_row(problems)
     test, test_raw, test_problems = None, None, []
     if d.eval_files:
-        test_raw = read_rows(d.eval_files, split_name="test")
+        test_raw = _read(cfg, d.eval_files, "test")
         test_problems = list(test_raw.problems)
         test_columns = list(dict.fromkeys(k for r in test_raw.rows for k in r))
         if "vrpo" in cfg.stages and cfg.stage_options("vrpo")[0].eval_pairs:
@@ -284,13 +302,19 @@ def _eval_rows(cfg: RecipeConfig, test: Any) -> tuple[list[Any], list[str]]:
     return eval_problems(test, column_names(cfg), cfg.eval.num_problems, system_prompt=cfg.data.system_prompt)
 
 
+def eval_checker(cfg: RecipeConfig) -> str:
+    """The checker of the recipe's evaluation (:func:`align.evaluate.build_checker`): ``countdown`` for Countdown
+    rows (``data.format: countdown``), else ``math_accuracy``."""
+    return "countdown" if cfg.data.format == COUNTDOWN_FORMAT else "math_accuracy"
+
+
 def run_eval(cfg: RecipeConfig, stage: str, model: torch.nn.Module, tokenizer: Any, test: Any) -> EvalResult:
-    """Evaluate ``model`` on the held-out rows (split over the ranks under torchrun, gathered on every rank) and save
-    the completions under ``eval/<stage>.jsonl``."""
+    """Evaluate ``model`` on the held-out rows (split over the ranks under torchrun, gathered on every rank; scored by
+    :func:`eval_checker`) and save the completions under ``eval/<stage>.jsonl``."""
     prompts, answers = _eval_rows(cfg, test)
     wait_for_every_rank()      # under torchrun this sets up the process group, so the problems are split over ranks
     res = evaluate_sharded(model, tokenizer, prompts, answers, cfg.eval, use_chat_template=cfg.data.use_chat_template,
-                           seed=cfg.seed, desc=f"eval {stage}")
+                           seed=cfg.seed, desc=f"eval {stage}", checker=build_checker(eval_checker(cfg)))
     if is_main_process():
         out = Path(cfg.output_dir) / "eval"
         out.mkdir(parents=True, exist_ok=True)
