@@ -5,7 +5,8 @@ A Countdown row holds its numbers in ``input`` (``"44,19,35"``, as d1's ``countd
 ``nums`` or ``numbers`` (a list), and its target in ``output`` or ``target``; the first of these columns present is
 read. :func:`countdown_problem` builds the prompt from :data:`COUNTDOWN_PROMPT` and the reference
 ``{"numbers": [...], "target": T}`` (JSON text) that the ``countdown`` checker and reward read
-(:mod:`align.rewards.countdown`). ``dlm-align eval --format countdown`` and a recipe's ``data.format: countdown``
+(:mod:`align.rewards.countdown`); :func:`countdown_row` adds them to the row as its ``prompt`` and ``answer``
+columns, next to the row's own columns. ``dlm-align eval --format countdown`` and a recipe's ``data.format: countdown``
 (the rows of ``data.train_files`` and ``data.eval_files``) go through :func:`countdown_rows`, so a prompt trained on
 is the prompt evaluated.
 
@@ -94,9 +95,20 @@ def countdown_problem(row: Mapping[str, Any], where: str) -> dict[str, str]:
             "answer": json.dumps({"numbers": numbers, "target": target})}
 
 
+def countdown_row(row: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """A Countdown row with its ``prompt`` and ``answer`` (:func:`countdown_problem`) added; its own columns are kept
+    (rewards receive them by name). A row that already has a ``prompt`` or ``answer`` column is not taken as a
+    Countdown row: the built columns would replace it."""
+    taken = [c for c in ("prompt", "answer") if c in row]
+    if taken:
+        raise row_error(where, f"has its own '{taken[0]}' column, which a countdown row gets from its numbers and "
+                               "target; rename it", field=taken[0], kind="invalid row")
+    return {**row, **countdown_problem(row, where)}
+
+
 def countdown_rows(raw: RawRows) -> RawRows:
-    """Rows read from files (:func:`~align.data.checks.read_rows`) as ``prompt`` / ``answer`` rows
-    (:func:`countdown_problem`), in order and at the same places. A row that is not a Countdown problem is left out
+    """Rows read from files (:func:`~align.data.checks.read_rows`) with their ``prompt`` and ``answer``
+    (:func:`countdown_row`), in order and at the same places. A row that is not a Countdown problem is left out
     and becomes a problem of the result, as a line that is not a row is: the caller's ``data.bad_rows`` policy
     (:func:`~align.data.checks.settle`) reports or skips it with the others."""
     out = RawRows()
@@ -108,7 +120,7 @@ def countdown_rows(raw: RawRows) -> RawRows:
                                            len(out.rows)))
             continue
         try:
-            row = countdown_problem(raw.rows[i], raw.places[i])
+            row = countdown_row(raw.rows[i], raw.places[i])
         except DataFormatError as err:
             out.problems.append(RowProblem(raw.places[i], err.reason, err.kind, err.field, None, len(out.rows)))
             continue

@@ -100,10 +100,11 @@ class DataConfig:
         format: ``auto``, ``prompt_completion``, ``messages`` or ``text`` (:mod:`align.data.formatting`), or
             ``countdown``: the rows of ``train_files`` and ``eval_files`` are Countdown problems, numbers in
             ``input`` (``"44,19,35"``), ``nums`` or ``numbers`` (a list) and the target in ``output`` or ``target``;
-            each becomes a ``prompt`` (the one ``dlm-align eval --format countdown`` writes) and an ``answer`` (the
-            numbers and target as JSON, read by the ``countdown`` reward), evaluation is scored by the ``countdown``
-            checker, and a row without integer numbers and target is a bad row (:mod:`align.data.countdown`). Only
-            the ``grpo`` stage trains on Countdown rows, and the column names keep their defaults.
+            each gets a ``prompt`` (the one ``dlm-align eval --format countdown`` writes) and an ``answer`` (the
+            numbers and target as JSON, read by the ``countdown`` reward) beside its own columns, evaluation is
+            scored by the ``countdown`` checker, and a row without integer numbers and target is a bad row
+            (:mod:`align.data.countdown`). Only the ``grpo`` stage trains on Countdown rows, and the column names
+            keep their defaults.
         prompt_column, completion_column, messages_column, text_column, answer_column: column names.
         use_chat_template: wrap prompts in the tokenizer's chat template.
         max_length: longest row in tokens (SFT and pre-training: prompt + completion; GRPO: the prompt; VRPO: the

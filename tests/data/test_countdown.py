@@ -11,7 +11,7 @@ from align.cli import build_parser, main
 from align.cli.eval_problems import load_problems
 from align.config import ConfigError, config_from_dict
 from align.data.checks import BadRowsError, read_rows
-from align.data.countdown import COUNTDOWN_PROMPT, countdown_problem, countdown_rows
+from align.data.countdown import COUNTDOWN_PROMPT, countdown_problem, countdown_row, countdown_rows
 from align.data.formatting import DataFormatError
 from align.evaluate import build_checker
 from align.pipeline.recipe import check_data, eval_checker, load_splits
@@ -41,7 +41,8 @@ def test_training_reads_the_prompt_evaluation_builds(tmp_path, tiny_init_config)
     cfg = config_from_dict(_recipe(tiny_init_config, path))
     train, test = load_splits(cfg)
     expected = [COUNTDOWN_PROMPT.format(numbers=n, target=t) for n, t in PROBLEMS]
-    assert train.column_names == ["prompt", "answer"] and train["prompt"] == expected == test["prompt"]
+    assert train["prompt"] == expected == test["prompt"]
+    assert train["id"] == [None, None, None, 7] and train["input"][0] == "44,19,35"   # the rows' own columns stay
     assert [json.loads(a) for a in train["answer"]] == [{"numbers": n, "target": t} for n, t in PROBLEMS]
     assert expected[0] == ("Using the numbers [44, 19, 35], write an arithmetic expression that equals 98. Use "
                            "each number exactly once and only +, -, * and /. Give the expression, without '=', in "
@@ -90,12 +91,17 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize("row,field,kind,reason", BAD)
+@pytest.mark.parametrize("row,field,kind,reason", [
+    *BAD, ({"input": "3,5", "output": 8, "answer": "3 + 5"}, "answer", "invalid row", "has its own 'answer' column"),
+    ({"input": "3,5", "output": 8, "prompt": "?"}, "prompt", "invalid row", "has its own 'prompt' column")])
 def test_a_row_that_is_no_countdown_problem_is_named(row, field, kind, reason):
     with pytest.raises(DataFormatError) as err:
-        countdown_problem(row, "train.jsonl:3")
+        countdown_row(row, "train.jsonl:3")
     assert str(err.value).startswith("train.jsonl:3: ") and reason in str(err.value)
     assert (err.value.field, err.value.kind) == (field, kind)
+    if field not in ("prompt", "answer"):
+        with pytest.raises(DataFormatError):
+            countdown_problem(row, "train.jsonl:3")
 
 
 def test_bad_rows_follow_data_bad_rows_with_their_lines(tmp_path, tiny_init_config, caplog):
