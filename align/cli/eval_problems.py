@@ -91,7 +91,7 @@ def _shots(rows: Any, n: int, names: Any, source: str) -> list[tuple[str, str]]:
 
 def _read_file_rows(path: str, split: str, *, countdown: bool = False) -> list[dict[str, Any]]:
     """Every row of a local file (a bad line stops, listing all of them); with ``countdown`` the rows are Countdown
-    rows, read as ``prompt`` / ``answer`` rows as a recipe's ``data.format: countdown`` reads them
+    rows and get the ``prompt`` and ``answer`` a recipe's ``data.format: countdown`` builds
     (:func:`align.data.countdown.countdown_rows`)."""
     from align.data.checks import read_rows, settle
     from align.data.formatting import DataFormatError

@@ -161,9 +161,8 @@ def _prompt_length(stage: str, value: Any) -> int:
 
 
 def _read(cfg: RecipeConfig, files: list[str], split: str) -> RawRows:
-    """The rows of local files; Countdown rows (``data.format: countdown``) as the ``prompt`` / ``answer`` rows
-    built from them (:func:`align.data.countdown.countdown_rows`; a row that is not a Countdown problem is a bad
-    row)."""
+    """The rows of local files; Countdown rows (``data.format: countdown``) with the ``prompt`` and ``answer`` built
+    from them (:func:`align.data.countdown.countdown_rows`; a row that is not a Countdown problem is a bad row)."""
     raw = read_rows(files, split_name=split)
     return countdown_rows(raw) if cfg.data.format == COUNTDOWN_FORMAT else raw
 
