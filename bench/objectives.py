@@ -157,6 +157,19 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def merged(path: Path, rows: list[dict], sft: Path, overrides: list[str]) -> list[dict]:
+    """``rows`` after the rows of an earlier results file ``path`` for the (variant, seed) pairs not in ``rows``;
+    that file must come from the same SFT checkpoint and overrides, so the table compares like with like."""
+    if not path.is_file():
+        return rows
+    old = json.loads(path.read_text())
+    if (Path(old["sft"]).resolve(), old["overrides"]) != (sft.resolve(), overrides):
+        raise SystemExit(f"--merge: {path} holds runs from {old['sft']} with overrides {old['overrides']}, not from "
+                         f"{sft} with {overrides}; write to another --results folder")
+    made = {(r["variant"], r["seed"]) for r in rows}
+    return [r for r in old["rows"] if (r["variant"], r["seed"]) not in made] + rows
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", choices=tuple(RECIPES), default="loops",
@@ -169,6 +182,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=OUT, help=f"folder of the runs (default {OUT.relative_to(ROOT)})")
     p.add_argument("--results", type=Path, default=RESULTS, help="folder of the table and the JSON (default "
                    f"{RESULTS.relative_to(ROOT)})")
+    p.add_argument("--merge", action="store_true", help="keep the rows of the results JSON already there for the "
+                   "(variant, seed) pairs this run does not make (the same SFT checkpoint and overrides, or an error)")
     p.add_argument("--list", action="store_true", help="print the variants and their keys, and exit")
     p.add_argument("overrides", nargs="*", help="recipe keys for every run (key=value), e.g. grpo.max_steps=40")
     args = p.parse_args(argv)
@@ -196,9 +211,11 @@ def main(argv: list[str] | None = None) -> int:
             r = rows[-1]
             print(f"    gain {r['gain_points']:+.1f} points (p = {r['p_value']:.2g}), loop rate {r['loop_rate']:.3f}, "
                   f"{r['seconds_per_step']:.2f} s/step", flush=True)
+    name = f"objectives-{args.recipe.stem if args.recipe else args.data}"
+    if args.merge:
+        rows = merged(args.results / f"{name}.json", rows, sft, args.overrides)
     text = table(rows)
     print(text)
-    name = f"objectives-{args.recipe.stem if args.recipe else args.data}"
     args.results.mkdir(parents=True, exist_ok=True)
     (args.results / f"{name}.md").write_text(text + "\n")
     (args.results / f"{name}.json").write_text(json.dumps({"recipe": str(recipe), "sft": str(sft),

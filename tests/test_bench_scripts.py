@@ -192,3 +192,19 @@ def test_objectives_protocol_on_a_tiny_recipe(tmp_path, tiny_init_config):
     lines = (tmp_path / "res" / "objectives-tiny.md").read_text().splitlines()
     assert len(lines) == 4
     assert lines[2].startswith("| grpo/one_step | 2 |") and lines[3].startswith("| wd1/one_step | 2 |")
+    # --merge: a later invocation (here: read back from the runs above) keeps the rows it does not make
+    results_file = tmp_path / "res" / "objectives-tiny.json"
+    again = _run(str(BENCH / "objectives.py"), "--recipe", str(recipe), "--variants", "wd1/one_step", "--seeds", "1",
+                 "--sft", results["sft"], "--merge", "--out", str(tmp_path / "out"), "--results",
+                 str(tmp_path / "res"), timeout=300)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-3000:]
+    merged = json.loads(results_file.read_text())["rows"]
+    assert [(r["variant"], r["seed"]) for r in merged] == [
+        ("grpo/one_step", 0), ("grpo/one_step", 1), ("wd1/one_step", 0), ("wd1/one_step", 1)]
+    assert merged[:3] == results["rows"][:3] and merged[3]["wall_seconds"] is None     # read back: not timed here
+    # ... and refuses rows made from another SFT checkpoint or other overrides
+    results_file.write_text(json.dumps({**json.loads(results_file.read_text()), "overrides": ["grpo.max_steps=9"]}))
+    refused = _run(str(BENCH / "objectives.py"), "--recipe", str(recipe), "--variants", "wd1/one_step", "--seeds",
+                   "1", "--sft", results["sft"], "--merge", "--out", str(tmp_path / "out"), "--results",
+                   str(tmp_path / "res"), timeout=300)
+    assert refused.returncode != 0 and "grpo.max_steps=9" in refused.stderr
