@@ -85,7 +85,8 @@ def test_the_recipe_has_d1s_countdown_settings():
     assert cfg.model.path == REPO and cfg.peft is not None and cfg.data.format == "countdown"
     assert (opts.estimator, opts.gen_length, opts.denoising_steps, opts.block_length) == ("one_step", 256, 128, 32)
     assert (opts.temperature, opts.num_generations, opts.num_iterations, opts.beta) == (0.9, 6, 8, 0.04)
-    assert (rest["learning_rate"], rest["weight_decay"], rest["adam_beta2"], rest["max_grad_norm"]) == (3e-6, 0.1, 0.99, 0.2)
+    optimizer = (rest["learning_rate"], rest["weight_decay"], rest["adam_beta2"], rest["max_grad_norm"])
+    assert optimizer == (3e-6, 0.1, 0.99, 0.2)
     assert [r["name"] for r in opts.rewards] == ["countdown", "loop_penalty"]
     assert cfg.eval.num_problems == 256 and Path(cfg.data.eval_files[0]).name == "countdown_cd3_test.jsonl"
     assert (cfg.eval.gen_length, cfg.eval.denoising_steps, cfg.eval.block_length) == (256, 128, 32)
