@@ -16,7 +16,7 @@ from typing import Any
 from ._text import completion_text
 from .answers import EXTRACTORS, answers_match, extract_answer, gold_answer
 
-__all__ = ["AnswerAccuracy", "MissingColumnError", "math_accuracy", "task_accuracy"]
+__all__ = ["AnswerAccuracy", "MissingColumnError", "column_values", "math_accuracy", "task_accuracy"]
 
 
 class MissingColumnError(KeyError):
@@ -24,6 +24,21 @@ class MissingColumnError(KeyError):
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else "missing column"
+
+
+def column_values(columns: dict[str, Any], names: Sequence[str], n: int, reward: str, what: str) -> list[Any]:
+    """The values of the first of ``names`` present (not None) in a reward call's ``columns``, one per completion.
+
+    Raises :class:`MissingColumnError` (``"<reward> needs <what>; the batch has [...]"``) when none is there, and
+    ``ValueError`` when the column does not hold ``n`` values."""
+    for col in names:
+        if columns.get(col) is not None:
+            values = list(columns[col])
+            if len(values) != n:
+                raise ValueError(f"{reward}: column {col!r} has {len(values)} values for {n} completions")
+            return values
+    present = sorted(k for k in columns if not k.startswith("_"))
+    raise MissingColumnError(f"{reward} needs {what}; the batch has {present}")
 
 
 class AnswerAccuracy:
@@ -63,18 +78,6 @@ class AnswerAccuracy:
         self.wrong = float(wrong)
         self.__name__ = name
 
-    def _references(self, columns: dict[str, Any], n: int) -> list[Any]:
-        for col in self.answer_columns:
-            if col in columns and columns[col] is not None:
-                refs = list(columns[col])
-                if len(refs) != n:
-                    raise ValueError(f"{self.__name__}: column {col!r} has {len(refs)} values for {n} completions")
-                return refs
-        present = sorted(k for k in columns if not k.startswith("_"))
-        raise MissingColumnError(
-            f"{self.__name__} needs a reference column {list(self.answer_columns)}; the batch has {present}"
-        )
-
     def __call__(
         self,
         prompts: Sequence[Any] | None = None,
@@ -84,7 +87,8 @@ class AnswerAccuracy:
     ) -> list[float | None]:
         """Score each completion against its reference (None where the reference is missing)."""
         completions = list(completions or [])
-        refs = self._references(columns, len(completions))
+        refs = column_values(columns, self.answer_columns, len(completions), self.__name__,
+                             f"a reference column {list(self.answer_columns)}")
         rewards: list[float | None] = []
         for completion, ref in zip(completions, refs, strict=True):
             gold = gold_answer(ref)

@@ -20,7 +20,7 @@ from fractions import Fraction
 from typing import Any
 
 from ._text import completion_text
-from .accuracy import MissingColumnError
+from .accuracy import column_values
 from .answers import extract_answer
 
 __all__ = ["CountdownAccuracy", "CountdownChecker", "countdown_accuracy"]
@@ -101,15 +101,8 @@ class CountdownAccuracy:
                  completion_ids: Any = None, **columns: Any) -> list[float | None]:
         """Score each completion against its row's problem (None where the problem is missing)."""
         completions = list(completions or [])
-        refs = columns.get(self.answer_column)
-        if refs is None:
-            present = sorted(k for k in columns if not k.startswith("_"))
-            raise MissingColumnError(f"{self.__name__} needs the column {self.answer_column!r} (the numbers and the "
-                                     f"target as JSON); the batch has {present}")
-        refs = list(refs)
-        if len(refs) != len(completions):
-            raise ValueError(f"{self.__name__}: column {self.answer_column!r} has {len(refs)} values for "
-                             f"{len(completions)} completions")
+        refs = column_values(columns, (self.answer_column,), len(completions), self.__name__,
+                             f"the column {self.answer_column!r} (the numbers and the target as JSON)")
         check = CountdownChecker()
         out: list[float | None] = []
         for completion, raw in zip(completions, refs, strict=True):

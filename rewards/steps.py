@@ -21,7 +21,7 @@ from fractions import Fraction
 from typing import Any
 
 from ._text import completion_text
-from .accuracy import MissingColumnError
+from .accuracy import column_values
 from .answers import parse_number
 
 __all__ = ["StepAccuracy", "equations"]
@@ -54,15 +54,8 @@ class StepAccuracy:
     def __call__(self, prompts: Sequence[Any] | None = None, completions: Sequence[Any] | None = None,
                  completion_ids: Any = None, **columns: Any) -> list[float | None]:
         completions = list(completions or [])
-        refs = columns.get(self.reference_column)
-        if refs is None:
-            present = sorted(k for k in columns if not k.startswith("_"))
-            raise MissingColumnError(f"{self.__name__} needs the reference column {self.reference_column!r}; "
-                                     f"the batch has {present}")
-        refs = list(refs)
-        if len(refs) != len(completions):
-            raise ValueError(f"{self.__name__}: column {self.reference_column!r} has {len(refs)} values for "
-                             f"{len(completions)} completions")
+        refs = column_values(columns, (self.reference_column,), len(completions), self.__name__,
+                             f"the reference column {self.reference_column!r}")
         out: list[float | None] = []
         for completion, ref in zip(completions, refs, strict=True):
             gold = equations(completion_text(ref)) if ref is not None else []

@@ -117,3 +117,37 @@ def add_to_hub_cache():
         return snapshot
 
     return add
+
+
+@pytest.fixture
+def offline_stand_in(tmp_path, monkeypatch, add_to_hub_cache):
+    """Factory ``offline_stand_in(repo_id, commit, texts) -> checkpoint dir``: a tiny native LLaDA (2 layers,
+    d_model 32, seed 0) with a word-level tokenizer that knows every word of ``texts`` and LLaDA's chat template,
+    saved under ``tmp_path/checkpoint`` and laid out in an offline Hugging Face cache under ``repo_id``
+    (``HF_HUB_CACHE`` set, ``HF_HUB_OFFLINE=1``, the other cache variables unset), standing in for a released
+    checkpoint that the code under test names by its Hub id."""
+    import torch
+
+    from align.data.tokenizer import build_word_tokenizer, save_tokenizer
+    from align.models import LLaDAModelLM, tiny_llada_config
+
+    def make(repo_id: str, commit: str, texts: list[str]):
+        tok = build_word_tokenizer(texts)
+        cfg = tiny_llada_config(vocab_size=len(tok), d_model=32, n_layers=2, n_heads=2, mlp_hidden_size=64,
+                                max_sequence_length=256, mask_token_id=tok.mask_token_id,
+                                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        files = tmp_path / "checkpoint"
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            LLaDAModelLM(cfg).save_pretrained(files)
+        save_tokenizer(tok, files)
+        cache = tmp_path / "hf" / "hub"
+        add_to_hub_cache(cache, repo_id, commit, files)
+        for name in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HOME", "XDG_CACHE_HOME", "HF_HUB_OFFLINE",
+                     "TRANSFORMERS_OFFLINE"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        return files
+
+    return make

@@ -8,13 +8,10 @@ import shlex
 from pathlib import Path
 
 import pytest
-import torch
 
 from align.cli import main
 from align.config import load_config
 from align.data.countdown import COUNTDOWN_PROMPT
-from align.data.tokenizer import build_word_tokenizer, save_tokenizer
-from align.models import LLaDAModelLM, tiny_llada_config
 from align.recipes import recipe_path
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -22,8 +19,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 NAME = "llada/grpo-countdown"
 REPO = "GSAI-ML/LLaDA-8B-Instruct"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
-HUB_ENV = ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HOME", "XDG_CACHE_HOME", "HF_HUB_OFFLINE",
-           "TRANSFORMERS_OFFLINE")
 #: d1's countdown_cd3_test.jsonl format, with a solution of each (for the reward check).
 ROWS = [({"input": "44,19,35", "output": 98}, "44 + 19 + 35"), ({"input": "3,5,7", "output": 22}, "3 * 5 + 7"),
         ({"input": "25,4,3", "output": 97}, "25 * 4 - 3"), ({"input": "8,2,5", "output": 21}, "8 * 2 + 5")]
@@ -34,34 +29,14 @@ SIZE = ["model.dtype=float32", "model.gradient_checkpointing=false", "peft.r=8",
         "eval.num_problems=3", "eval.batch_size=3"]
 
 
-def _stand_in(path: Path, texts: list[str]) -> None:
-    """A tiny LLaDA checkpoint with a word-level tokenizer (LLaDA's chat template) that knows every word of
-    ``texts``."""
-    tok = build_word_tokenizer(texts)
-    cfg = tiny_llada_config(vocab_size=len(tok), d_model=32, n_layers=2, n_heads=2, mlp_hidden_size=64,
-                            max_sequence_length=256, mask_token_id=tok.mask_token_id, eos_token_id=tok.eos_token_id,
-                            pad_token_id=tok.pad_token_id)
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        LLaDAModelLM(cfg).save_pretrained(path)
-    save_tokenizer(tok, path)
-
-
 @pytest.fixture
-def countdown_files(tmp_path, monkeypatch, add_to_hub_cache) -> tuple[Path, Path]:
+def countdown_files(tmp_path, offline_stand_in) -> tuple[Path, Path]:
     """Train and test files in d1's format, and the stand-in model in an offline cache under the recipe's Hub id."""
     texts = []
     for row, solution in ROWS:
         numbers = [int(x) for x in row["input"].split(",")]
         texts += [COUNTDOWN_PROMPT.format(numbers=numbers, target=row["output"]), f"\\boxed{{{solution}}}"]
-    files = tmp_path / "checkpoint"
-    _stand_in(files, texts)
-    cache = tmp_path / "hf" / "hub"
-    add_to_hub_cache(cache, REPO, COMMIT, files)
-    for name in HUB_ENV:
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    offline_stand_in(REPO, COMMIT, texts)
     train, test = tmp_path / "countdown_train.jsonl", tmp_path / "countdown_cd3_test.jsonl"
     train.write_text("".join(json.dumps(row) + "\n" for row, _ in ROWS))
     test.write_text("".join(json.dumps(row) + "\n" for row, _ in ROWS[1:]))

@@ -12,16 +12,12 @@ import torch
 from safetensors.torch import load_file
 
 from align.cli import main
-from align.data.tokenizer import build_word_tokenizer, save_tokenizer
-from align.models import LLaDAModelLM, tiny_llada_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 PAGE = Path(__file__).resolve().parents[1] / "docs" / "finetune.md"
 REPO = "GSAI-ML/LLaDA-8B-Instruct"
 COMMIT = "89abcdef0123456789abcdef0123456789abcdef"
-HUB_ENV = ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_HOME", "XDG_CACHE_HOME", "HF_HUB_OFFLINE",
-           "TRANSFORMERS_OFFLINE")
 #: Added to the page's `validate` and `run` commands: two steps of a tiny model, in float32 on a CPU.
 SIZE = ["model.dtype=float32", "model.gradient_checkpointing=false", "sft.bf16=false", "sft.max_steps=2",
         "sft.per_device_train_batch_size=2", "sft.gradient_accumulation_steps=1", "data.max_length=128",
@@ -39,19 +35,7 @@ def page_commands(text: str) -> list[list[str]]:
             if line.startswith("dlm-align ")]
 
 
-def save_stand_in(path: Path, texts: list[str]) -> None:
-    """A tiny LLaDA checkpoint with a word-level tokenizer that knows every word of ``texts``."""
-    tok = build_word_tokenizer(texts)
-    cfg = tiny_llada_config(vocab_size=len(tok), d_model=32, n_layers=2, n_heads=2, mlp_hidden_size=64,
-                            max_sequence_length=256, mask_token_id=tok.mask_token_id, eos_token_id=tok.eos_token_id,
-                            pad_token_id=tok.pad_token_id)
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        LLaDAModelLM(cfg).save_pretrained(path)
-    save_tokenizer(tok, path)
-
-
-def test_the_page_runs_end_to_end(tmp_path, monkeypatch, add_to_hub_cache, capsys):
+def test_the_page_runs_end_to_end(tmp_path, monkeypatch, offline_stand_in, capsys):
     text = PAGE.read_text()
     commands = page_commands(text)
     assert [c[0] for c in commands] == ["cp", "validate", "run", "generate", "run", "merge", "generate"]
@@ -60,15 +44,8 @@ def test_the_page_runs_end_to_end(tmp_path, monkeypatch, add_to_hub_cache, capsy
     assert prompt_rows and all(set(r) == {"prompt", "completion"} for r in prompt_rows)
     assert all([m["role"] for m in r["messages"]] == ["user", "assistant"] for r in message_rows)
 
-    files = tmp_path / "checkpoint"
     prompts = [c[c.index("--prompt") + 1] for c in commands if "--prompt" in c]
-    save_stand_in(files, [f"{r['prompt']} {r['completion']}" for r in prompt_rows] + prompts)
-    cache = tmp_path / "hf" / "hub"
-    add_to_hub_cache(cache, REPO, COMMIT, files)
-    for name in HUB_ENV:
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    files = offline_stand_in(REPO, COMMIT, [f"{r['prompt']} {r['completion']}" for r in prompt_rows] + prompts)
     work = tmp_path / "work"
     (work / "data").mkdir(parents=True)
     monkeypatch.chdir(work)
@@ -90,7 +67,7 @@ def test_the_page_runs_end_to_end(tmp_path, monkeypatch, add_to_hub_cache, capsy
     assert report["stages"]["sft"]["checkpoint"].endswith("my-sft-adapter/sft/final")
     assert report["recipe"]["peft"]["merge"] is False
     assert printed[5].startswith("merged runs/my-sft-adapter/sft/adapter (LoRA r=8, 14 layers) into "
-                                 f"{REPO} ({cache}")
+                                 f"{REPO} ({tmp_path / 'hf' / 'hub'}")
     # Same seed, same data: the adapter merged later equals the merge done at the end of the first run.
     ours = load_file(str(work / "runs" / "my-sft-merged" / "model.safetensors"))
     theirs = load_file(str(merged_run / "sft" / "final" / "model.safetensors"))
