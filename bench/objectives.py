@@ -15,7 +15,9 @@ Without ``--sft`` the SFT stage of the data setting's recipe runs once (``<out>/
 and spread over seeds of the held-out gain in points, the paired p-values, the loop rate after GRPO, seconds per
 GRPO step and the rollouts' share of it) is printed and written to ``bench/results/objectives-<data>.md``; every run's
 figures to ``bench/results/objectives-<data>.json`` (the runs themselves stay under ``--out``). A run already
-finished in ``<out>`` is read back, not run again.
+finished in ``<out>`` is read back, not run again, when its recorded recipe has the same SFT checkpoint, seed and
+keys (otherwise it stops: other settings need another ``--out``). Recipe keys for every run go before ``--seeds``
+or after ``--``.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from pathlib import Path
 
 import yaml
 
-from align.config import STAGES
+from align.config import STAGES, apply_overrides, parse_override
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = {"loops": ROOT / "recipes" / "quickstart.yaml", "clean": ROOT / "recipes" / "quickstart-clean.yaml"}
@@ -109,6 +111,28 @@ def _mean_key(history: list[dict], key: str) -> float | None:
     return sum(vals) / len(vals) if vals else None
 
 
+def read_back_mismatches(recorded: dict, sft: Path, seed: int, keys: list[str]) -> list[str]:
+    """What a finished run's recorded recipe says that differs from the run asked for (its starting checkpoint, seed
+    and every ``key=value`` of the variant and the extra overrides); empty when it is the same run."""
+    wrong = []
+    if Path(str(recorded["model"]["path"])).resolve() != sft.resolve():
+        wrong.append(f"model.path is {recorded['model']['path']}, not {sft}")
+    if recorded.get("seed") != seed:
+        wrong.append(f"seed is {recorded.get('seed')}, not {seed}")
+    wanted = apply_overrides({}, keys)                    # applied in order, as ``dlm-align run`` does
+    for parts in dict.fromkeys(tuple(parse_override(text)[0]) for text in keys):
+        have, want = _at(recorded, parts), _at(wanted, parts)
+        if have != want:
+            wrong.append(f"{'.'.join(parts)} is {have!r}, not {want!r}")
+    return wrong
+
+
+def _at(tree: object, parts: tuple[str, ...]) -> object:
+    for part in parts:
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
+
+
 def run_variant(recipe: Path, sft: Path, out: Path, name: str, seed: int, extra: list[str]) -> dict:
     """One (variant, seed): GRPO from ``sft``, evaluated before and after; its figures."""
     run = out / _slug(name) / f"seed{seed}"
@@ -123,6 +147,10 @@ def run_variant(recipe: Path, sft: Path, out: Path, name: str, seed: int, extra:
         wall = load = None                            # read back: the time and load of that run are not known here
     report = json.loads(report_path.read_text())
     recipe_used = report["recipe"]
+    wrong = read_back_mismatches(recipe_used, sft, seed, VARIANTS[name] + extra)
+    if wrong:                                             # a finished run of other settings sits in this folder
+        raise SystemExit(f"{run} holds a finished run of other settings ({'; '.join(wrong)}); give another --out "
+                         "for these settings")
     before, after = report["stages"]["base"], report["stages"]["grpo"]
     test = report["comparisons"]["grpo_vs_base"]          # paired McNemar test on the same held-out problems
     history = json.loads((run / "grpo" / "log_history.json").read_text())
@@ -170,6 +198,14 @@ def merged(path: Path, rows: list[dict], sft: Path, overrides: list[str]) -> lis
     return [r for r in old["rows"] if (r["variant"], r["seed"]) not in made] + rows
 
 
+def _seed(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a seed; put recipe overrides before --seeds or after "
+                                         "-- (--seeds 0 1 2 -- key=value)") from None
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", choices=tuple(RECIPES), default="loops",
@@ -178,7 +214,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sft", type=Path, default=None, help="the SFT checkpoint every variant starts from (default: "
                    "run the recipe's SFT stage once)")
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names (--list shows them)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--seeds", type=_seed, nargs="+", default=[0, 1, 2], help="GRPO seeds (default 0 1 2); recipe "
+                   "overrides go before --seeds or after --")
     p.add_argument("--out", type=Path, default=OUT, help=f"folder of the runs (default {OUT.relative_to(ROOT)})")
     p.add_argument("--results", type=Path, default=RESULTS, help="folder of the table and the JSON (default "
                    f"{RESULTS.relative_to(ROOT)})")

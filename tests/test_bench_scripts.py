@@ -158,6 +158,18 @@ def test_fsdp2_check_on_cpu_reports_that_fsdp_did_not_run(tmp_path):
     assert result["stages"]["grpo"]["processes"] == 2 and result["completions_logged"] > 0
 
 
+def test_objectives_takes_overrides_before_or_after_the_seeds():
+    spec = importlib.util.spec_from_file_location("bench_objectives", BENCH / "objectives.py")
+    objectives = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(objectives)
+    args = objectives.parse_args(["grpo.max_steps=9", "--seeds", "0", "1"])
+    assert args.seeds == [0, 1] and args.overrides == ["grpo.max_steps=9"]
+    args = objectives.parse_args(["--seeds", "2", "--", "grpo.max_steps=9"])
+    assert args.seeds == [2] and args.overrides == ["grpo.max_steps=9"]
+    wrong = _run(str(BENCH / "objectives.py"), "--seeds", "0", "grpo.max_steps=9")
+    assert wrong.returncode == 2 and "'grpo.max_steps=9' is not a seed" in wrong.stderr
+
+
 @pytest.mark.slow
 def test_objectives_protocol_on_a_tiny_recipe(tmp_path, tiny_init_config):
     """bench/objectives.py end to end at tiny scale: one SFT stage, then two variants × two seeds from it, each run
@@ -208,3 +220,10 @@ def test_objectives_protocol_on_a_tiny_recipe(tmp_path, tiny_init_config):
                    "1", "--sft", results["sft"], "--merge", "--out", str(tmp_path / "out"), "--results",
                    str(tmp_path / "res"), timeout=300)
     assert refused.returncode != 0 and "grpo.max_steps=9" in refused.stderr
+    # a finished run is read back only when its recorded recipe is the one asked for
+    other = _run(str(BENCH / "objectives.py"), "--recipe", str(recipe), "--variants", "wd1/one_step", "--seeds", "1",
+                 "--sft", results["sft"], "--out", str(tmp_path / "out"), "--results", str(tmp_path / "res2"),
+                 "grpo.learning_rate=0.5", timeout=300)
+    assert other.returncode != 0 and "holds a finished run of other settings" in other.stderr
+    assert "grpo.learning_rate is" in other.stderr and "not 0.5" in other.stderr
+    assert not (tmp_path / "res2").exists()
