@@ -15,8 +15,8 @@ Without ``--sft`` the SFT stage of the data setting's recipe runs once (``<out>/
 and spread over seeds of the held-out gain in points, the paired p-values, the loop rate after GRPO, seconds per
 GRPO step and the rollouts' share of it) is printed and written to ``bench/results/objectives-<data>.md``; every run's
 figures to ``bench/results/objectives-<data>.json`` (the runs themselves stay under ``--out``). A run already
-finished in ``<out>`` is read back, not run again, when its recorded recipe has the same SFT checkpoint, seed and
-keys (otherwise it stops: other settings need another ``--out``). Recipe keys for every run go before ``--seeds``
+finished in ``<out>`` is read back, not run again, when its recorded recipe is the one this invocation would run
+(otherwise it stops: other settings need another ``--out``). Recipe keys for every run go before ``--seeds``
 or after ``--``.
 """
 
@@ -33,7 +33,7 @@ from pathlib import Path
 
 import yaml
 
-from align.config import STAGES, apply_overrides, parse_override
+from align.config import STAGES, config_to_dict, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = {"loops": ROOT / "recipes" / "quickstart.yaml", "clean": ROOT / "recipes" / "quickstart-clean.yaml"}
@@ -111,46 +111,42 @@ def _mean_key(history: list[dict], key: str) -> float | None:
     return sum(vals) / len(vals) if vals else None
 
 
-def read_back_mismatches(recorded: dict, sft: Path, seed: int, keys: list[str]) -> list[str]:
-    """What a finished run's recorded recipe says that differs from the run asked for (its starting checkpoint, seed
-    and every ``key=value`` of the variant and the extra overrides); empty when it is the same run."""
-    wrong = []
-    if Path(str(recorded["model"]["path"])).resolve() != sft.resolve():
-        wrong.append(f"model.path is {recorded['model']['path']}, not {sft}")
-    if recorded.get("seed") != seed:
-        wrong.append(f"seed is {recorded.get('seed')}, not {seed}")
-    wanted = apply_overrides({}, keys)                    # applied in order, as ``dlm-align run`` does
-    for parts in dict.fromkeys(tuple(parse_override(text)[0]) for text in keys):
-        have, want = _at(recorded, parts), _at(wanted, parts)
-        if have != want:
-            wrong.append(f"{'.'.join(parts)} is {have!r}, not {want!r}")
-    return wrong
+def read_back_mismatches(recorded: dict, stage_recipe: Path, seed: int, keys: list[str]) -> list[str]:
+    """Where a finished run's recorded recipe differs from the recipe this invocation would run (``stage_recipe``
+    with the seed and every ``key=value`` of the variant and the extra overrides); empty when it is the same run."""
+    cfg = load_config(stage_recipe, [f"seed={seed}", "eval.base=true", *keys])
+    expected = json.loads(json.dumps(config_to_dict(cfg), default=str))
+    return [f"{key} is {have!r}, not {want!r}" for key, have, want in _differences(recorded, expected)
+            if key not in ("output_dir", "run_name")]
 
 
-def _at(tree: object, parts: tuple[str, ...]) -> object:
-    for part in parts:
-        tree = tree.get(part) if isinstance(tree, dict) else None
-    return tree
+def _differences(have: object, want: object, prefix: str = "") -> list[tuple[str, object, object]]:
+    if isinstance(have, dict) and isinstance(want, dict):
+        return [d for k in dict.fromkeys([*want, *have])
+                for d in _differences(have.get(k), want.get(k), f"{prefix}{k}.")]
+    return [] if have == want else [(prefix.rstrip("."), have, want)]
 
 
 def run_variant(recipe: Path, sft: Path, out: Path, name: str, seed: int, extra: list[str]) -> dict:
     """One (variant, seed): GRPO from ``sft``, evaluated before and after; its figures."""
     run = out / _slug(name) / f"seed{seed}"
     report_path = run / "report.json"
-    if not (report_path.is_file() and "grpo" in json.loads(report_path.read_text()).get("stages", {})):
+    report = json.loads(report_path.read_text()) if report_path.is_file() else {}
+    if "grpo" in report.get("stages", {}):
+        wall = load = None                            # read back: the time and load of that run are not known here
+        wrong = read_back_mismatches(report["recipe"], one_stage(recipe, "grpo", out, sft), seed,
+                                     VARIANTS[name] + extra)
+        if wrong:                                     # a finished run of other settings sits in this folder
+            raise SystemExit(f"{run} holds a finished run of other settings ({'; '.join(wrong)}); give another "
+                             "--out for these settings")
+    else:
         run.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
         _cli(["run", str(one_stage(recipe, "grpo", out, sft)), f"seed={seed}", f"output_dir={run}",
               "eval.base=true", *VARIANTS[name], *extra], run.parent / f"seed{seed}.log")
         wall, load = time.perf_counter() - t0, os.getloadavg()[0]
-    else:
-        wall = load = None                            # read back: the time and load of that run are not known here
-    report = json.loads(report_path.read_text())
+        report = json.loads(report_path.read_text())
     recipe_used = report["recipe"]
-    wrong = read_back_mismatches(recipe_used, sft, seed, VARIANTS[name] + extra)
-    if wrong:                                             # a finished run of other settings sits in this folder
-        raise SystemExit(f"{run} holds a finished run of other settings ({'; '.join(wrong)}); give another --out "
-                         "for these settings")
     before, after = report["stages"]["base"], report["stages"]["grpo"]
     test = report["comparisons"]["grpo_vs_base"]          # paired McNemar test on the same held-out problems
     history = json.loads((run / "grpo" / "log_history.json").read_text())
